@@ -1,0 +1,60 @@
+"""Refinement-module decoder (STM sec. 3.3, after RGMP): 1/16 -> 1/8 -> 1/4, 2-channel output."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block (He et al., identity mappings)."""
+
+    def __init__(self, in_dim: int, out_dim: int | None = None):
+        super().__init__()
+        out_dim = out_dim or in_dim
+        self.conv1 = nn.Conv2d(in_dim, out_dim, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
+        self.skip = None if in_dim == out_dim else nn.Conv2d(in_dim, out_dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.conv2(F.relu(self.conv1(F.relu(x))))
+        return (x if self.skip is None else self.skip(x)) + r
+
+
+class RefinementModule(nn.Module):
+    """Merge a skip connection from the query encoder with the upsampled coarser decoder state."""
+
+    def __init__(self, skip_dim: int, dim: int):
+        super().__init__()
+        self.skip_conv = nn.Conv2d(skip_dim, dim, 3, padding=1)
+        self.skip_res = ResBlock(dim)
+        self.merge_res = ResBlock(dim)
+
+    def forward(self, skip: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """skip: N x Cs x 2h x 2w, coarse: N x D x h x w -> N x D x 2h x 2w."""
+        s = self.skip_res(self.skip_conv(skip))
+        up = F.interpolate(coarse, size=s.shape[-2:], mode="bilinear", align_corners=False)
+        return self.merge_res(s + up)
+
+
+class Decoder(nn.Module):
+    def __init__(self, readout_dim: int, res3_dim: int, res2_dim: int, dim: int = 256):
+        super().__init__()
+        self.compress = nn.Conv2d(readout_dim, dim, 3, padding=1)
+        self.compress_res = ResBlock(dim)
+        self.refine3 = RefinementModule(res3_dim, dim)
+        self.refine2 = RefinementModule(res2_dim, dim)
+        self.predict = nn.Conv2d(dim, 2, 3, padding=1)
+
+    def forward(
+        self,
+        readout: torch.Tensor,  # N x (2 Cv) x h x w
+        res3: torch.Tensor,  # N x C3 x 2h x 2w
+        res2: torch.Tensor,  # N x C2 x 4h x 4w
+        out_size: tuple[int, int],
+    ) -> torch.Tensor:  # N x 2 x H x W logits (background, foreground)
+        x = self.compress_res(self.compress(readout))
+        x = self.refine2(res2, self.refine3(res3, x))
+        logits = self.predict(F.relu(x))  # 1/4 scale
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)

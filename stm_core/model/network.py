@@ -1,0 +1,142 @@
+"""The stateless STM network: one method per step (encode query, encode memory, read, decode).
+
+All mutable state (memory, object ids, frame counter) lives in `stm_core.memory` and
+`stm_core.inference`; the training unroll lives in `stm_core.training`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from stm_core.model.aggregate import soft_aggregate
+from stm_core.model.decoder import Decoder
+from stm_core.model.encoders import (
+    BACKBONE_CHANNELS,
+    KeyValue,
+    MemoryEncoder,
+    QueryEncoder,
+    QueryFeatures,
+    others_probability,
+)
+from stm_core.model.read import memory_read, to_tokens
+
+STRIDE = 16  # res4 is at 1/16 of the input
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["stm", "strmn"] = "stm"  # stm: growing frame memory; strmn: K slots + Fusion Cell
+    backbone: str = "resnet18"  # resnet50 is the paper's; resnet18 is the small CPU default
+    pretrained: str = "none"  # imagenet | none | path to a backbone state dict
+    norm: Literal["frozen_bn", "group"] = "frozen_bn"  # frozen BatchNorm (STM) or GroupNorm (STRMN)
+    decoder_dim: int = 256  # channels of the refinement decoder (256 in the paper)
+    top_k: int | None = None  # read only the k most similar memory locations (None: all, as STM)
+    fusion_dim: int = 64  # hidden channels of the Fusion Cell's small CNNs f, g, h (STRMN)
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONE_CHANNELS:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONE_CHANNELS)}")
+        if self.kind not in ("stm", "strmn"):
+            raise ValueError(f"unknown model kind {self.kind!r}; choose 'stm' or 'strmn'")
+
+    @property
+    def channels(self) -> int:  # C: res4 width
+        return BACKBONE_CHANNELS[self.backbone][0]
+
+    @property
+    def key_dim(self) -> int:  # C/8: 128 for ResNet-50
+        return self.channels // 8
+
+    @property
+    def value_dim(self) -> int:  # C/2: 512 for ResNet-50
+        return self.channels // 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class MemoryFeatures(NamedTuple):
+    feature: torch.Tensor  # B x O x C x h x w: res4 of the memory encoder (STRMN's template)
+    key: torch.Tensor  # B x O x Ck x h x w
+    value: torch.Tensor  # B x O x Cv x h x w
+
+
+class STMNetwork(nn.Module):
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        c4, c3, c2 = BACKBONE_CHANNELS[config.backbone]
+        self.query_encoder = QueryEncoder(config.backbone, config.pretrained, config.norm)
+        self.memory_encoder = MemoryEncoder(config.backbone, config.pretrained, config.norm)
+        self.query_kv = KeyValue(c4, config.key_dim, config.value_dim)
+        self.memory_kv = KeyValue(c4, config.key_dim, config.value_dim)
+        self.decoder = Decoder(2 * config.value_dim, c3, c2, config.decoder_dim)
+        self.fusion: nn.Module | None = None
+        if config.kind == "strmn":
+            from stm_core.model.fusion import FusionCell
+
+            self.fusion = FusionCell(c4, config.fusion_dim)
+
+    def encode_query(self, frames: torch.Tensor) -> QueryFeatures:
+        """frames: B x 3 x H x W in [0, 1]; encoded once per frame, shared by all objects."""
+        r4, r3, r2 = self.query_encoder(frames)
+        key, value = self.query_kv(r4)
+        return QueryFeatures(key, value, (r3, r2))
+
+    def encode_memory(
+        self,
+        frames: torch.Tensor,  # B x 3 x H x W
+        probs: torch.Tensor,  # B x O x H x W: P(object) of the objects to encode
+        others: torch.Tensor | None = None,  # B x O x H x W: P(any other object); default from probs
+    ) -> MemoryFeatures:
+        b, o = probs.shape[:2]
+        others = others_probability(probs) if others is None else others
+        frames = frames.repeat_interleave(o, dim=0)  # one backbone pass per object, as in STM
+        feature = self.memory_encoder(frames, probs.flatten(0, 1)[:, None], others.flatten(0, 1)[:, None])
+        key, value = self.memory_kv(feature)
+        return MemoryFeatures(*(x.unflatten(0, (b, o)) for x in (feature, key, value)))
+
+    def template_key_value(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """... x C x h x w memory template -> (key, value): how STRMN slots become readable memory."""
+        lead = feature.shape[:-3]
+        key, value = self.memory_kv(feature.flatten(0, -4) if lead else feature[None])
+        return key.reshape(*lead, *key.shape[1:]), value.reshape(*lead, *value.shape[1:])
+
+    def read(
+        self,
+        query: QueryFeatures,
+        memory_key: torch.Tensor,  # B x O x L x Ck, L = T*h*w memory locations
+        memory_value: torch.Tensor,  # B x O x L x Cv
+    ) -> torch.Tensor:  # B x O x 2Cv x h x w: [query value, read value] per object
+        b, o = memory_key.shape[:2]
+        h, w = query.key.shape[-2:]
+        q = to_tokens(query.key).repeat_interleave(o, dim=0)  # (B*O) x hw x Ck
+        read = memory_read(q, memory_key.flatten(0, 1), memory_value.flatten(0, 1), top_k=self.config.top_k)
+        read = read.transpose(1, 2).reshape(b, o, -1, h, w)
+        value = query.value[:, None].expand(-1, o, -1, -1, -1).to(read.dtype)
+        return torch.cat([value, read], dim=2)
+
+    def decode(
+        self, readout: torch.Tensor, skips: tuple[torch.Tensor, torch.Tensor], out_size: tuple[int, int]
+    ) -> torch.Tensor:  # B x O x H x W foreground logits, each object on its own
+        b, o = readout.shape[:2]
+        r3, r2 = (s.repeat_interleave(o, dim=0) for s in skips)
+        logits = self.decoder(readout.flatten(0, 1), r3, r2, out_size)  # (B*O) x 2 x H x W
+        # softmax over (bg, fg) == sigmoid of their difference: keep one logit per object.
+        return (logits[:, 1] - logits[:, 0]).unflatten(0, (b, o))
+
+    def segment(
+        self,
+        query: QueryFeatures,
+        memory_key: torch.Tensor,
+        memory_value: torch.Tensor,
+        out_size: tuple[int, int],
+        valid: torch.Tensor | None = None,  # B x O bool, False for padded objects
+    ) -> torch.Tensor:  # B x (1+O) x H x W aggregated logits; softmax -> probabilities
+        fg = self.decode(self.read(query, memory_key, memory_value), query.skips, out_size)
+        return soft_aggregate(torch.sigmoid(fg.float()), valid)

@@ -1,0 +1,68 @@
+"""Space-time memory read, eq. (1)-(2) of the STM paper.
+
+Every query location attends over all T x H x W memory locations. The affinity is
+exp(k_q . k_m * scale), normalised over memory (a softmax), so `F.scaled_dot_product_attention`
+computes exactly eq. (1)'s weighted sum, with a fused kernel on GPU. `scale` defaults to
+1/sqrt(Ck) as in the official STM code (the paper's eq. 2 is the scale=1 case).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def memory_read(
+    query_key: torch.Tensor,  # N x Lq x Ck (query locations as tokens)
+    memory_key: torch.Tensor,  # N x Lm x Ck (Lm = T * h * w)
+    memory_value: torch.Tensor,  # N x Lm x Cv
+    top_k: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:  # N x Lq x Cv
+    scale = 1.0 / math.sqrt(query_key.shape[-1]) if scale is None else scale
+    if top_k is not None and top_k < memory_key.shape[1]:
+        return _top_k_read(query_key, memory_key, memory_value, top_k, scale)
+    # SDPA wants matching dtypes; memory may be stored in a lower precision than the query.
+    memory_key = memory_key.to(query_key.dtype)
+    memory_value = memory_value.to(query_key.dtype)
+    return F.scaled_dot_product_attention(query_key, memory_key, memory_value, scale=scale)
+
+
+def _top_k_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int, scale: float) -> torch.Tensor:
+    """Keep, per query location, only the k most similar memory locations (Cheng et al., STCN/XMem)."""
+    affinity = torch.einsum("nqc,nmc->nqm", q, k.to(q.dtype)) * scale  # N x Lq x Lm
+    values, indices = affinity.topk(top_k, dim=-1)  # N x Lq x k
+    weights = values.softmax(dim=-1)
+    v = v.to(q.dtype)
+    # out[n, q] = sum_k weights[n, q, k] * v[n, indices[n, q, k]]
+    gathered = torch.gather(
+        v.unsqueeze(1).expand(-1, q.shape[1], -1, -1),
+        2,
+        indices.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]),
+    )  # N x Lq x k x Cv
+    return (weights.unsqueeze(-1) * gathered).sum(dim=2)
+
+
+def naive_memory_read(
+    query_key: torch.Tensor,  # Ck x H x W
+    memory_key: torch.Tensor,  # Ck x T x H x W
+    memory_value: torch.Tensor,  # Cv x T x H x W
+    scale: float = 1.0,
+) -> torch.Tensor:  # Cv x H x W
+    """Eq. (1)-(2) written literally, one query location at a time (for tests, not for use)."""
+    ck, h, w = query_key.shape
+    mk = memory_key.reshape(ck, -1)  # Ck x THW
+    mv = memory_value.reshape(memory_value.shape[0], -1)  # Cv x THW
+    out = torch.empty(memory_value.shape[0], h, w, dtype=query_key.dtype)
+    for y in range(h):
+        for x in range(w):
+            f = torch.exp((query_key[:, y, x] @ mk) * scale)  # similarity to every memory location
+            out[:, y, x] = (mv * f).sum(dim=1) / f.sum()
+    return out
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """... x C x h x w feature map -> ... x (h*w) x C tokens."""
+    return x.flatten(-2).transpose(-1, -2)

@@ -1,0 +1,204 @@
+"""Streaming inference: one frame in, per-object probabilities out; all mutable state lives here.
+
+Objects may appear mid-video (YouTube-VOS style): the objects an annotated frame introduces form a
+new *group* with a memory of its own, starting at that frame. Every frame is encoded by the query
+encoder once, shared by all groups. Frames arrive one at a time; the video is never on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from stm_core.memory import Encoded, Memory, make_memory
+from stm_core.model.aggregate import soft_aggregate
+from stm_core.model.network import STRIDE, STMNetwork
+
+
+def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Pad the last two dims to multiples of `stride` (reflect, split around the image)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # left, right, top, bottom
+    if ph == 0 and pw == 0:
+        return x, pad
+    mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
+    return F.pad(x, pad, mode=mode), pad
+
+
+def unpad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    left, right, top, bottom = pad
+    return x[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right]
+
+
+class _Group:
+    def __init__(self, object_ids: list[int], memory: Memory):
+        self.object_ids = object_ids
+        self.memory = memory
+
+
+class InferenceCore:
+    def __init__(
+        self,
+        network: STMNetwork,
+        memory: str = "every:5",
+        device: str | torch.device | None = None,
+        max_internal_size: int | None = None,  # longest side the network sees; None: native
+        amp: bool = True,  # bf16 autocast on CUDA (ignored on CPU)
+    ):
+        self.network = network.eval()
+        self.policy = memory
+        make_memory(memory, network)  # fail now, not at the first frame, on a bad policy
+        self.device = torch.device(device) if device is not None else next(network.parameters()).device
+        self.network.to(self.device)
+        self.max_internal_size = max_internal_size
+        self.amp = amp and self.device.type == "cuda"
+        self.groups: list[_Group] = []
+        self.frame_index = -1
+
+    @property
+    def object_ids(self) -> list[int]:
+        """Object ids in probability-channel order (channel k+1 is object_ids[k])."""
+        return [i for g in self.groups for i in g.object_ids]
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _internal_size(self, h: int, w: int) -> tuple[int, int]:
+        if self.max_internal_size is None or max(h, w) <= self.max_internal_size:
+            return h, w
+        s = self.max_internal_size / max(h, w)
+        return max(1, round(h * s)), max(1, round(w * s))
+
+    @torch.inference_mode()
+    def step(
+        self,
+        frame: torch.Tensor,  # 3 x H x W, float in [0, 1] or uint8
+        mask: torch.Tensor | None = None,  # H x W object ids (0 = background)
+        objects: Iterable[int] | None = None,  # ids the mask annotates; default: all its non-zero ids
+    ) -> torch.Tensor:  # (1+O) x H x W probabilities, channel 0 background, then self.object_ids
+        self.frame_index += 1
+        t = self.frame_index
+        frame = frame.to(self.device, non_blocking=True)
+        frame = frame.float() / 255 if frame.dtype == torch.uint8 else frame.float()
+        height, width = frame.shape[-2:]
+        size = self._internal_size(height, width)
+        image = F.interpolate(frame[None], size=size, mode="bilinear", align_corners=False) if size != (
+            height, width) else frame[None]
+        image, pad = pad_to_stride(image)
+
+        with self._autocast():
+            probs = self._predict(image, pad, size)  # O x h x w at internal size, or None
+
+        annotated: set[int] = set()
+        if mask is not None:
+            mask = mask.to(self.device).long()
+            annotated = set(int(i) for i in (objects if objects is not None else mask.unique().tolist()) if i != 0)
+            known = set(self.object_ids)
+            new_ids = sorted(annotated - known)
+            if new_ids:
+                self.groups.append(_Group(new_ids, make_memory(self.policy, self.network)))
+            if annotated:
+                probs = self._apply_annotation(probs, mask, size, annotated)
+
+        if probs is None:  # nothing to track yet
+            return torch.ones(1, height, width, device=self.device)
+
+        with self._autocast():
+            self._memorize(image, probs, pad, annotated)
+        full = probs if size == (height, width) else F.interpolate(
+            probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        return soft_aggregate(full[None].float().clamp(0, 1))[0].softmax(dim=0)
+
+    def _predict(self, image: torch.Tensor, pad, size) -> torch.Tensor | None:
+        ready = [g for g in self.groups if g.memory.size > 0]
+        if not ready:
+            return None
+        query = self.network.encode_query(image)
+        fg = []
+        for group in self.groups:
+            if group.memory.size == 0:  # a group is born with its annotation; never empty here
+                raise RuntimeError("object group without memory")
+            keys, values = group.memory.keys_values()
+            logits = self.network.decode(
+                self.network.read(query, keys[None], values[None]), query.skips, image.shape[-2:])
+            fg.append(torch.sigmoid(unpad(logits, pad)[0].float()))
+        probs = torch.cat(fg, 0)  # O x h x w, each object on its own
+        # Soft aggregation makes the objects compete for each pixel before they are memorised.
+        return soft_aggregate(probs[None])[0].softmax(dim=0)[1:]
+
+    def _apply_annotation(self, probs, mask: torch.Tensor, size, annotated: set[int]) -> torch.Tensor:
+        """Ground truth overrides prediction for annotated objects; others yield their pixels."""
+        if mask.shape[-2:] != size:
+            mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        ids = self.object_ids
+        out = torch.zeros(len(ids), *size, device=self.device)
+        if probs is not None:
+            out[: probs.shape[0]] = probs
+        claimed = torch.zeros(size, dtype=torch.bool, device=self.device)
+        for k, obj in enumerate(ids):
+            if obj in annotated:
+                claimed |= mask == obj
+        for k, obj in enumerate(ids):
+            out[k] = (mask == obj).float() if obj in annotated else out[k] * (~claimed)
+        return out
+
+    def _memorize(self, image: torch.Tensor, probs: torch.Tensor, pad, annotated: set[int]) -> None:
+        t = self.frame_index
+        # Pad the probabilities like the image so memory features line up with query features.
+        padded = F.pad(probs, pad) if any(pad) else probs  # O x Hp x Wp
+        padded = F.interpolate(padded[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0] \
+            if padded.shape[-2:] != image.shape[-2:] else padded
+        total = padded.sum(0, keepdim=True)
+        start = 0
+        for group in self.groups:
+            n = len(group.object_ids)
+            group_annotated = any(i in annotated for i in group.object_ids)
+            if group.memory.size == 0 or group_annotated or group.memory.wants(t):
+                p = padded[start : start + n]
+                others = (total - p).clamp(0, 1)
+                enc = self.network.encode_memory(image, p[None], others[None])
+                group.memory.add(t, Encoded(enc.feature[0], enc.key[0], enc.value[0]), annotated=group_annotated)
+            start += n
+
+
+def probabilities_to_mask(probs: torch.Tensor, object_ids: list[int]) -> torch.Tensor:
+    """(1+O) x H x W -> H x W object ids (uint8), background where no object wins."""
+    lookup = torch.tensor([0, *object_ids], dtype=torch.uint8, device=probs.device)
+    return lookup[probs.argmax(dim=0)]
+
+
+def segment_video(
+    network: STMNetwork,
+    frames: Iterable[torch.Tensor],  # each 3 x H x W, streamed
+    masks: dict[int, torch.Tensor],  # frame index -> H x W ids (first frame, frames adding objects)
+    memory: str = "every:5",
+    device: str | torch.device | None = None,
+    max_internal_size: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield an H x W uint8 id mask per frame (on CPU). Annotated frames yield their annotation."""
+    core = InferenceCore(network, memory, device=device, max_internal_size=max_internal_size)
+    for t, frame in enumerate(frames):
+        given = masks.get(t)
+        probs = core.step(frame, given)
+        out = probabilities_to_mask(probs, core.object_ids).cpu()
+        if given is not None:  # keep the annotation exactly where it speaks; predictions elsewhere
+            given = given.to(out.device)
+            out = torch.where(given > 0, given.to(torch.uint8), out)
+        yield out
+
+
+def memory_entries(core: InferenceCore) -> int:
+    """Memory entries of the largest group (frames or slots): the benchmark's `memory_entries`."""
+    return max((g.memory.size for g in core.groups), default=0)
+
+
+def memory_bytes(core: InferenceCore) -> int:
+    return sum(g.memory.nbytes for g in core.groups)
+
+

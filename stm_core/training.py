@@ -3,15 +3,22 @@
 STM (sec. 3.5): memorise frame 1 with its ground truth, segment frame 2, memorise its *soft*
 prediction (dynamic memory, no thresholding), segment frame 3, and so on; the loss covers every
 frame after the first. Multi-object clips are segmented jointly through soft aggregation.
+
+STRMN (Nguyen & Li, sec. 3.4.2): the same loop over a K-slot recurrent memory whose Fusion Cell
+is trained through the memory updates, with truncated backpropagation through time
+(`strmn_segments` / `unroll_strmn`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from stm_core.memory.recurrent import RULES, Slots, update_slots
 from stm_core.model.network import STMNetwork
 from stm_core.model.read import to_tokens
 
@@ -71,3 +78,100 @@ def unroll_stm(
             keys.append(to_tokens(memory.key))
             values.append(to_tokens(memory.value))
     return UnrollOutput(torch.stack(all_logits, 1), torch.stack(losses).mean())
+
+
+class SegmentOutput(NamedTuple):
+    start: int  # first frame index of the segment (frame 0 is memory only: never predicted)
+    stop: int  # one past its last frame
+    logits: torch.Tensor  # B x S x (1+O) x H x W for the segment's predicted frames
+    loss: torch.Tensor  # scalar: mean over those frames, with the segment's graph
+
+
+def strmn_segments(
+    network: STMNetwork,
+    frames: torch.Tensor,  # B x N x 3 x H x W in [0, 1]
+    masks: torch.Tensor,  # B x N x H x W ids in 0..O
+    valid: torch.Tensor,  # B x O bool
+    rule: str = "C",  # A | B | C | D | I2M (the memory update, see stm_core.memory.recurrent)
+    slots: int = 5,  # K
+    segment_length: int = 10,  # T frames per TBPTT segment (the paper: 10 of 50)
+    loss: str = "ce",
+    top_p: float = 0.15,
+) -> Iterator[SegmentOutput]:
+    """The STRMN unroll, one TBPTT segment at a time.
+
+    Frames [0, T), [T, 2T), ... form the segments. Within a segment gradients flow through the
+    soft-prediction memory encodings and the memory updates (the Fusion Cell learns); between
+    segments the memory is carried without gradient. Call `segment.loss.backward()` (and step)
+    before asking for the next segment, or accumulate: segments share no graph.
+    A clip of N <= T frames (5-frame pretraining clips) is one segment.
+    """
+    if network.fusion is None:
+        raise ValueError("unroll_strmn needs an STRMN network: ModelConfig(kind='strmn')")
+    if rule not in (*RULES, "I2M"):
+        raise ValueError(f"unknown STRMN update rule {rule!r}; choose one of {RULES} or 'I2M'")
+    if segment_length < 1 or slots < (2 if rule == "I2M" else 3):
+        raise ValueError(f"need segment_length >= 1 and enough slots for rule {rule}, got {segment_length}, {slots}")
+    b, n, _, h, w = frames.shape
+    num_objects = valid.shape[1]
+
+    def memorise(frame: torch.Tensor, probs: torch.Tensor, memory: Slots | None) -> Slots:
+        encoded = network.encode_memory(frame, probs)
+        new = Slots.first(encoded.feature, encoded.key, encoded.value)
+        if memory is None:
+            return new
+        return update_slots(memory, new, slots, rule, network.fusion, network.template_key_value)
+
+    probs = one_hot_objects(masks[:, 0], num_objects) * valid[:, :, None, None]
+    memory = memorise(frames[:, 0], probs, None)
+    for start in range(0, n, segment_length):
+        stop = min(start + segment_length, n)
+        all_logits, losses = [], []
+        for t in range(max(start, 1), stop):
+            query = network.encode_query(frames[:, t])
+            keys, values = memory.tokens()
+            logits = network.segment(query, keys, values, (h, w), valid)
+            all_logits.append(logits)
+            losses.append(segmentation_loss(logits, masks[:, t], loss, top_p))
+            if t < n - 1:
+                # The segment's last update is carried detached: building its graph is waste.
+                with torch.no_grad() if t == stop - 1 else nullcontext():
+                    memory = memorise(frames[:, t], logits.softmax(dim=1)[:, 1:], memory)
+        memory = memory.detach()
+        if all_logits:
+            yield SegmentOutput(start, stop, torch.stack(all_logits, 1), torch.stack(losses).mean())
+
+
+def unroll_strmn(
+    network: STMNetwork,
+    frames: torch.Tensor,  # B x N x 3 x H x W in [0, 1]
+    masks: torch.Tensor,  # B x N x H x W ids in 0..O
+    valid: torch.Tensor,  # B x O bool
+    rule: str = "C",
+    slots: int = 5,
+    segment_length: int = 10,
+    loss: str = "ce",
+    top_p: float = 0.15,
+    optimizer_step: Callable[[torch.Tensor], None] | None = None,
+) -> UnrollOutput:
+    """Truncated BPTT over a whole clip; `UnrollOutput.loss` is the mean over predicted frames.
+
+    optimizer_step=None: nothing is stepped; `loss` carries every segment's graph (cut at the
+    segment boundaries), so `out.loss.backward(); optimizer.step()` trains exactly like
+    `unroll_stm` (use it for 5-frame pretraining clips: one segment).
+    optimizer_step=fn: `fn(segment_loss)` is called after each segment, e.g.
+    `lambda l: (opt.zero_grad(), l.backward(), opt.step())`: an update per segment, as in the
+    paper's 50-frame / 10-frame-segment fine-tuning. The returned logits and loss are detached.
+    """
+    all_logits, total, count = [], 0.0, 0
+    for segment in strmn_segments(network, frames, masks, valid, rule, slots, segment_length, loss, top_p):
+        frames_in = segment.logits.shape[1]
+        if optimizer_step is not None:
+            optimizer_step(segment.loss)
+            segment = segment._replace(logits=segment.logits.detach(), loss=segment.loss.detach())
+        all_logits.append(segment.logits)
+        total = total + segment.loss * frames_in
+        count += frames_in
+    if count == 0:
+        raise ValueError("unroll_strmn needs clips of at least 2 frames")
+    return UnrollOutput(torch.cat(all_logits, 1), total / count)

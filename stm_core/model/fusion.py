@@ -1,0 +1,89 @@
+"""STRMN's Fusion Cell (Nguyen & Li, sec. 3.2, eq. 3-10) and the template similarity (eq. 1-2).
+
+The cell distils a template that is about to leave the memory (X_i) into one that stays (X_j):
+
+    FAM(Xa, Xb) = softmax(Xa Xb^T) Xb                  (3)  align Xb to Xa's locations
+    r   = sigmoid(f([X_i, FAM(X_i, X_j)]))             (4-5) filter: what of X_i to keep
+    X_i' = r * X_i                                     (6)
+    A   = FAM(X_j, X_i')                               (7)  X_i' aligned to X_j's locations
+    z   = sigmoid(h([A, X_j]))                         (8)  update gate
+    n   = tanh(g([A, X_j]))                            (9)  candidate
+    X_j_new = (1 - z) * X_j + z * n                    (10)
+
+Templates are res4 maps, N x C x h x w (any leading dims are flattened into N). FAM attends
+over the h*w locations with `F.scaled_dot_product_attention`. Scale: the paper writes no scale
+(scale = 1); we default to 1/sqrt(C), as STM's official read does: res4 features are post-ReLU
+with C = 256..1024 channels, and unscaled dot products saturate the softmax to one-hot at
+initialisation, which starves the cell of gradient. `scale=1.0` gives the literal eq. 3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def small_cnn(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
+    """f, g, h of the paper ("implemented with CNN"): conv3x3 -> ReLU -> conv3x3."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, out_channels, 3, padding=1),
+    )
+
+
+def fam(xa: torch.Tensor, xb: torch.Tensor, scale: float) -> torch.Tensor:
+    """Eq. 3, xa, xb: N x C x h x w -> N x C x h x w: xb's features gathered at xa's locations."""
+    n, c, h, w = xa.shape
+    qa = xa.flatten(2).transpose(1, 2)  # N x hw x C
+    kb = xb.flatten(2).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qa, kb, kb, scale=scale)  # N x hw x C
+    return out.transpose(1, 2).reshape(n, c, h, w)
+
+
+class FusionCell(nn.Module):
+    def __init__(self, channels: int, hidden: int = 64, scale: float | None = None):
+        super().__init__()
+        self.channels = channels
+        self.scale = 1.0 / math.sqrt(channels) if scale is None else scale
+        self.f = small_cnn(2 * channels, hidden, channels)  # filter gate r
+        self.h = small_cnn(2 * channels, hidden, channels)  # update gate z
+        self.g = small_cnn(2 * channels, hidden, channels)  # candidate n
+
+    def forward(self, x_i: torch.Tensor, x_j: torch.Tensor) -> torch.Tensor:
+        """x_i (removed), x_j (kept): ... x C x h x w -> the updated x_j, same shape."""
+        lead = x_j.shape[:-3]
+        x_i, x_j = x_i.reshape(-1, *x_i.shape[-3:]), x_j.reshape(-1, *x_j.shape[-3:])
+        r = torch.sigmoid(self.f(torch.cat([x_i, fam(x_i, x_j, self.scale)], dim=1)))
+        x_i = r * x_i
+        a = fam(x_j, x_i, self.scale)
+        both = torch.cat([a, x_j], dim=1)
+        z = torch.sigmoid(self.h(both))
+        n = torch.tanh(self.g(both))
+        return ((1 - z) * x_j + z * n).reshape(*lead, *x_j.shape[1:])
+
+
+def template_similarity(templates: torch.Tensor, upper: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 1-2 for every ordered pair of K templates: N x K x C x h x w -> N x K x K.
+
+    S[n, i, j] = mean over locations p of X_i of max over locations q of X_j of cos(X_i(p), X_j(q)).
+    S is not symmetric. `upper`: compute only j > i (what the update rules compare, i < j); the
+    other entries are NaN. Rows are computed one at a time, so the peak is N x K x hw x hw.
+    """
+    n, k = templates.shape[:2]
+    tokens = F.normalize(templates.flatten(3).transpose(2, 3).float(), dim=-1, eps=eps)  # N x K x hw x C
+    sim = tokens.new_full((n, k, k), float("nan"))
+    for i in range(k):
+        others = tokens[:, i + 1 :] if upper else tokens
+        if others.shape[1] == 0:
+            continue
+        cos = torch.einsum("npc,nkqc->nkpq", tokens[:, i], others)  # N x K' x hw_i x hw_j
+        row = cos.amax(dim=-1).mean(dim=-1)  # N x K'
+        if upper:
+            sim[:, i, i + 1 :] = row
+        else:
+            sim[:, i] = row
+    return sim

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+log = logging.getLogger(__name__)
 
-def init_ray(num_cpus: int | None = None, **kwargs):
-    """`ray.init` once per process. `num_cpus` only applies to a local (not yet running) Ray.
+
+def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, **kwargs):
+    """`ray.init` once per process. `num_cpus` and `object_store_memory` only apply to a local
+    (not yet running) Ray; a cluster's head decides its own resources, and Ray refuses them there.
 
     The dashboard is left off locally (it needs extra processes and ports the stages do not use);
-    on a cluster the head's settings apply.
+    on a cluster the head's settings apply. Inside a `ray job submit` job, Ray sets RAY_ADDRESS,
+    so every stage joins the cluster the job runs on.
     """
     import ray
 
@@ -19,6 +24,11 @@ def init_ray(num_cpus: int | None = None, **kwargs):
     options: dict = {"address": address, "ignore_reinit_error": True, "log_to_driver": True}
     if address is None:
         options.update(num_cpus=num_cpus, include_dashboard=False)
+        if object_store_memory is not None:
+            options["object_store_memory"] = object_store_memory
+        log.info("Ray: starting a local instance (num_cpus=%s)", num_cpus)
+    else:
+        log.info("Ray: connecting to the cluster at RAY_ADDRESS=%s", address)
     options.update(kwargs)
     return ray.init(**options)
 

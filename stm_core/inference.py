@@ -83,7 +83,6 @@ class InferenceCore:
         objects: Iterable[int] | None = None,  # ids the mask annotates; default: all its non-zero ids
     ) -> torch.Tensor:  # (1+O) x H x W probabilities, channel 0 background, then self.object_ids
         self.frame_index += 1
-        t = self.frame_index
         frame = frame.to(self.device, non_blocking=True)
         frame = frame.float() / 255 if frame.dtype == torch.uint8 else frame.float()
         height, width = frame.shape[-2:]
@@ -141,7 +140,7 @@ class InferenceCore:
         if probs is not None:
             out[: probs.shape[0]] = probs
         claimed = torch.zeros(size, dtype=torch.bool, device=self.device)
-        for k, obj in enumerate(ids):
+        for obj in ids:
             if obj in annotated:
                 claimed |= mask == obj
         for k, obj in enumerate(ids):

@@ -12,8 +12,9 @@ def soft_aggregate(probs: torch.Tensor, valid: torch.Tensor | None = None) -> to
 
     probs: B x O x H x W, each object's P(foreground) estimated alone.
     valid: B x O bool, False for padded (absent) objects, which get probability ~0.
-    Returns logits B x (1+O) x H x W; channel 0 is background. softmax(logits) sums to 1, and
-    for one object it gives back exactly (1-p, p).
+    Returns logits B x (1+O) x H x W; channel 0 is background; softmax(logits) sums to 1. Each
+    channel's logit is log(q / (1 - q)) of its probability q, as in the official STM code, so one
+    object with probability p comes out as p^2 / (p^2 + (1-p)^2): the same decision, sharpened.
     """
     if valid is not None:
         probs = probs * valid[:, :, None, None].to(probs.dtype)

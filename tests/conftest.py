@@ -1,0 +1,25 @@
+"""Shared fixtures. `../shared/data` holds small real DAVIS-layout data; a user's clone lacks it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "davis-sample").is_dir():
+        pytest.skip(f"real sample data not found at {SHARED_DATA} (it ships beside the repo, not in it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def davis_sample(shared_data: Path) -> Path:
+    return shared_data / "davis-sample"

@@ -1,0 +1,106 @@
+"""The STM network: shapes for both backbones, the read against eq. (1)-(2), soft aggregation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stm_core.model.aggregate import soft_aggregate
+from stm_core.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stm_core.model.network import ModelConfig, STMNetwork
+from stm_core.model.read import memory_read, naive_memory_read, to_tokens
+
+
+@pytest.mark.parametrize("backbone,key_dim,value_dim", [("resnet18", 32, 128), ("resnet50", 128, 512)])
+def test_shapes_follow_the_paper(backbone: str, key_dim: int, value_dim: int):
+    net = STMNetwork(ModelConfig(backbone=backbone)).eval()
+    frames = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        query = net.encode_query(frames)
+        assert query.key.shape == (2, key_dim, 4, 6)  # C/8 at 1/16
+        assert query.value.shape == (2, value_dim, 4, 6)  # C/2
+        memory = net.encode_memory(frames, torch.rand(2, 3, 64, 96))
+        assert memory.key.shape == (2, 3, key_dim, 4, 6)
+        assert memory.value.shape == (2, 3, value_dim, 4, 6)
+        readout = net.read(query, to_tokens(memory.key), to_tokens(memory.value))
+        assert readout.shape == (2, 3, 2 * value_dim, 4, 6)  # [query value, read value]
+        logits = net.segment(query, to_tokens(memory.key), to_tokens(memory.value), (64, 96))
+    assert logits.shape == (2, 4, 64, 96)
+    assert torch.allclose(logits.softmax(1).sum(1), torch.ones(2, 64, 96), atol=1e-5)
+
+
+def test_batchnorm_is_frozen():
+    net = STMNetwork(ModelConfig())
+    norms = [m for m in net.modules() if "BatchNorm" in type(m).__name__]
+    assert norms and all(type(m).__name__ == "FrozenBatchNorm2d" for m in norms)
+    assert not any("running_mean" in n for n, p in net.named_parameters())
+
+
+def test_group_norm_is_selectable():
+    net = STMNetwork(ModelConfig(norm="group"))
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_read_equals_the_naive_formula(scale: float):
+    torch.manual_seed(0)
+    ck, cv, t, h, w = 8, 5, 3, 4, 5
+    qk, mk, mv = torch.randn(ck, h, w), torch.randn(ck, t, h, w), torch.randn(cv, t, h, w)
+    expected = naive_memory_read(qk.double(), mk.double(), mv.double(), scale=scale)
+    q = to_tokens(qk)[None]  # 1 x hw x Ck
+    k = mk.flatten(1).T[None]  # 1 x (T h w) x Ck
+    v = mv.flatten(1).T[None]
+    got = memory_read(q, k, v, scale=scale)[0].T.reshape(cv, h, w)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+def test_top_k_read_keeps_only_the_k_best_matches():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 4), torch.randn(2, 30, 4), torch.randn(2, 30, 3)
+    full = memory_read(q, k, v)
+    assert torch.allclose(memory_read(q, k, v, top_k=30), full, atol=1e-6)  # k = all: the plain read
+    top1 = memory_read(q, k, v, top_k=1)
+    best = (q @ k.transpose(1, 2)).argmax(-1)  # the single most similar memory location
+    assert torch.allclose(top1, torch.gather(v, 1, best[..., None].expand(-1, -1, 3)), atol=1e-6)
+
+
+def test_soft_aggregation_sums_to_one_and_is_differentiable():
+    probs = torch.rand(2, 3, 8, 8, requires_grad=True)
+    logits = soft_aggregate(probs)
+    out = logits.softmax(1)
+    assert torch.allclose(out.sum(1), torch.ones(2, 8, 8), atol=1e-5)
+    out[:, 2].sum().backward()
+    assert probs.grad is not None and probs.grad.abs().sum() > 0
+
+
+def test_soft_aggregation_of_one_object_keeps_the_decision():
+    p = torch.rand(1, 1, 5, 5) * 0.98 + 0.01
+    out = soft_aggregate(p).softmax(1)[:, 1]
+    expected = p[:, 0] ** 2 / (p[:, 0] ** 2 + (1 - p[:, 0]) ** 2)  # log-odds doubled
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.equal(out > 0.5, p[:, 0] > 0.5)
+
+
+def test_soft_aggregation_ignores_padded_objects():
+    p = torch.rand(1, 2, 4, 4)
+    out = soft_aggregate(p, valid=torch.tensor([[True, False]])).softmax(1)
+    assert out[:, 2].max() < 1e-5
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    net = STMNetwork(ModelConfig())
+    save_checkpoint(tmp_path / "m.pt", net, step=3)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert payload["step"] == 3 and payload["model_config"]["backbone"] == "resnet18"
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    for (name, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    wrong = payload | {"model_config": {**payload["model_config"], "backbone": "resnet50"}}
+    torch.save(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match="wrong.pt.*do not fit"):
+        load_checkpoint(tmp_path / "wrong.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")

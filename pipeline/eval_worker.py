@@ -1,0 +1,250 @@
+"""One evaluation task: segment one sequence with one variant, time it, and score it.
+
+Plain functions of bytes in, bytes and scores out (no Ray, no MLflow, no file writes), so a task
+runs the same on this machine or on any node of a cluster: the frames, the annotations and the
+checkpoint travel in the task's arguments, the predictions come back as palette-PNG bytes that
+the driver writes. Prediction and scoring use the same decoded masks that the PNGs hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.variants import COPY_FIRST, Variant
+from stm_core.data.io import DataError, decode_image, decode_index_mask_png, index_mask_png, to_tensor
+from stm_core.inference import InferenceCore, memory_bytes, memory_entries, probabilities_to_mask
+from stm_core.metrics import MetricError, SequenceScores, evaluate_sequence
+from stm_core.model.checkpoint import load_checkpoint
+from stm_core.model.network import STMNetwork
+
+SIZE_TOLERANCE = 2  # masks this many pixels off their frame's size are resized (as stm_core.data.video)
+
+
+@dataclass
+class SequencePayload:
+    """Everything a task needs about one video, as encoded bytes (cheap to ship to a worker)."""
+
+    name: str
+    frame_names: list[str]  # file stems, in temporal order
+    frames: list[bytes]  # encoded images (JPEG/PNG), one per frame
+    annotations: dict[int, bytes]  # frame index -> ground-truth index-mask PNG bytes
+    object_frames: dict[int, int] | None = None  # object id -> frame that introduces it (None: from masks)
+
+
+@dataclass
+class SequenceResult:
+    variant: str
+    name: str
+    frame_names: list[str]  # file stems, in temporal order
+    masks: list[bytes]  # predicted palette PNG per frame
+    scores: SequenceScores  # per object and scored frame
+    frames: int
+    seconds: float  # segmentation time of all frames (decoding and scoring excluded)
+    peak_memory_bytes: int  # CUDA max allocated, or the process's peak RSS growth during the video
+    memory_entries: int  # frames or slots held at the end (largest object group)
+    memory_bytes: int  # bytes of the memory's tensors at the end
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------- model cache
+
+_NETWORKS: dict[tuple[str, int | None, str], STMNetwork] = {}  # per worker process: tasks reuse a loaded model
+
+
+def cached_network(digest: str, fetch, top_k: int | None, device: str) -> STMNetwork:
+    """The checkpoint with this sha256 as a network on `device`; `fetch()` returns its bytes on a miss.
+
+    top_k: None keeps the checkpoint's setting, 0 reads all memory locations, k > 0 the k best.
+    """
+    key = (digest, top_k, device)
+    if key not in _NETWORKS:
+        data = fetch()
+        fd, tmp = tempfile.mkstemp(suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            overrides = {} if top_k is None else {"top_k": top_k or None}
+            _NETWORKS[key] = load_checkpoint(tmp, map_location=device, **overrides).to(device)
+        finally:
+            os.unlink(tmp)
+    return _NETWORKS[key]
+
+
+# ----------------------------------------------------------------------------- memory probes
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since process start
+
+
+class PeakMemory:
+    """Peak memory of the work between start() and stop(): CUDA max allocated, else RSS growth."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
+            self.base = _rss_bytes()
+
+    def stop(self) -> int:
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated())
+        return max(0, _peak_rss_bytes() - self.base)
+
+
+# ----------------------------------------------------------------------------- the task
+
+def decode_annotations(payload: SequencePayload, size: tuple[int, int]) -> dict[int, np.ndarray]:
+    """Ground-truth id masks by frame index, resized (nearest) when a few pixels off the frame size."""
+    out = {}
+    for t, data in sorted(payload.annotations.items()):
+        where = f"{payload.name}/{payload.frame_names[t]}.png"
+        mask = decode_index_mask_png(data, where)
+        if mask.shape != size:
+            if max(abs(mask.shape[0] - size[0]), abs(mask.shape[1] - size[1])) > SIZE_TOLERANCE:
+                raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the frame is "
+                                f"{size[1]}x{size[0]} (W x H)")
+            mask = np.asarray(torch.nn.functional.interpolate(
+                torch.from_numpy(mask)[None, None].float(), size=size, mode="nearest")[0, 0].to(torch.uint8))
+        out[t] = mask
+    return out
+
+
+def given_masks(gt: dict[int, np.ndarray], object_frames: dict[int, int] | None) -> dict[int, np.ndarray]:
+    """The semi-supervised input: at the frame that introduces objects, their masks only (others 0)."""
+    if object_frames is None:
+        object_frames = {}
+        for t, mask in sorted(gt.items()):
+            for obj in np.unique(mask).tolist():
+                if obj not in (0, 255) and obj not in object_frames:
+                    object_frames[obj] = t
+    by_frame: dict[int, list[int]] = {}
+    for obj, t in object_frames.items():
+        by_frame.setdefault(t, []).append(obj)
+    given = {}
+    for t, objs in sorted(by_frame.items()):
+        if t not in gt:
+            raise DataError(f"object(s) {objs} are introduced at frame {t}, which has no annotation")
+        given[t] = np.where(np.isin(gt[t], objs), gt[t], 0).astype(np.uint8)
+    return given
+
+
+def copy_first(n_frames: int, given: dict[int, np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
+    """The baseline: each annotation carried forward unchanged; a newer annotation claims its pixels."""
+    current = np.zeros(size, dtype=np.uint8)
+    out = []
+    for t in range(n_frames):
+        if t in given:
+            current = np.where(given[t] > 0, given[t], current).astype(np.uint8)
+        out.append(current.copy())
+    return out
+
+
+def _segment(network: STMNetwork, variant: Variant, payload: SequencePayload, given: dict[int, np.ndarray],
+             device: torch.device, max_size: int | None) -> tuple[list[np.ndarray], float, int, int, int]:
+    core = InferenceCore(network, variant.policy, device=device, max_internal_size=max_size)
+    probe = PeakMemory(device)
+    probe.start()
+    seconds = 0.0
+    out = []
+    for t, data in enumerate(payload.frames):
+        frame = to_tensor(decode_image(data, f"{payload.name}/{payload.frame_names[t]}"))  # 3 x H x W
+        mask = torch.from_numpy(given[t]).long() if t in given else None
+        start = time.perf_counter()
+        probs = core.step(frame, mask)
+        pred = probabilities_to_mask(probs, core.object_ids).cpu().numpy()  # syncs the device
+        seconds += time.perf_counter() - start
+        if t in given:  # the annotation is exact where it speaks (as stm_core.inference.segment_video)
+            pred = np.where(given[t] > 0, given[t], pred).astype(np.uint8)
+        out.append(pred)
+    return out, seconds, probe.stop(), memory_entries(core), memory_bytes(core)
+
+
+def score(payload: SequencePayload, gt: dict[int, np.ndarray], preds: list[np.ndarray]) -> SequenceScores:
+    """J and F on the annotated frames (all of them for DAVIS), the first and last not scored."""
+    scored = sorted(gt)
+    if len(scored) < 3:
+        raise MetricError(f"{payload.name}: only {len(scored)} annotated frame(s); scoring needs ground truth "
+                          "on at least 3 frames (use a split with dense or periodic annotations)")
+    return evaluate_sequence([gt[t] for t in scored], [preds[t] for t in scored], name=payload.name,
+                             frame_names=[payload.frame_names[t] for t in scored])
+
+
+def run_sequence(variant: Variant, network: STMNetwork | None, payload: SequencePayload,
+                 device: str = "cpu", max_size: int | None = None) -> SequenceResult:
+    """Segment, time and score one sequence. `network` is None for copy-first."""
+    dev = torch.device(device)
+    size = decode_image(payload.frames[0], f"{payload.name}/{payload.frame_names[0]}").shape[:2]
+    gt = decode_annotations(payload, size)
+    given = given_masks(gt, payload.object_frames)
+    if not given:
+        raise DataError(f"{payload.name}: no annotated object to start from")
+    if variant.policy == COPY_FIRST:
+        start = time.perf_counter()
+        preds = copy_first(len(payload.frames), given, size)
+        seconds, peak, entries, nbytes = time.perf_counter() - start, 0, 0, 0
+    else:
+        if network is None:
+            raise ValueError(f"variant {variant.name} needs a network")
+        preds, seconds, peak, entries, nbytes = _segment(network, variant, payload, given, dev, max_size)
+    pngs = [index_mask_png(p) for p in preds]
+    # Score exactly what the PNGs hold (the encoding is lossless for uint8 ids).
+    scores = score(payload, gt, [decode_index_mask_png(b) for b in pngs])
+    return SequenceResult(variant=variant.name, name=payload.name, frame_names=list(payload.frame_names), masks=pngs, scores=scores,
+                          frames=len(payload.frames), seconds=seconds, peak_memory_bytes=peak,
+                          memory_entries=entries, memory_bytes=nbytes)
+
+
+def remote_sequence(variant: Variant, model: tuple[str, list] | None, payload: SequencePayload, device: str,
+                    max_size: int | None, top_k: int | None, threads: int) -> SequenceResult:
+    """The body of the Ray task. `model` is (sha256, [ObjectRef of the checkpoint bytes]): the ref is
+    wrapped in a list so Ray does not fetch it when this worker already holds that network."""
+    torch.set_num_threads(max(1, threads))
+    network = None
+    if model is not None:
+        digest, box = model
+
+        def fetch() -> bytes:
+            import ray
+
+            return ray.get(box[0])
+
+        network = cached_network(digest, fetch, top_k, device)
+    return run_sequence(variant, network, payload, device, max_size)

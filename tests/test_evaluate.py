@@ -1,0 +1,253 @@
+"""stm evaluate / stm report: variant parsing and naming, copy-first, the DVC outputs, and end to end
+on tiny generated data with a real Ray and a real MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.eval_outputs import METRICS, j_per_frame_table, metrics_json, summarize_variant, variants_table
+from pipeline.eval_worker import SequenceResult, copy_first, given_masks
+from pipeline.params import ParamsError, section
+from pipeline.variants import MemoryParams, parse_variants
+from stm_core.data.io import index_mask_png, write_image, write_index_mask
+from stm_core.metrics import evaluate_sequence, score_folders
+
+HAS_STRMN = importlib.util.find_spec("stm_core.model.fusion") is not None and \
+    importlib.util.find_spec("stm_core.memory.recurrent") is not None
+
+
+# ----------------------------------------------------------------------------- variants
+
+def test_default_variants_have_stable_safe_names():
+    specs = ["copy-first", "stm:first", "stm:previous", "stm:first+previous", "stm:every", "stm:fifo"]
+    names = [v.name for v in parse_variants(specs, MemoryParams(every=5, fifo=8))]
+    assert names == ["copy-first", "stm-first", "stm-previous", "stm-first-previous", "stm-every-5", "stm-fifo-8"]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+
+
+@pytest.mark.skipif(not HAS_STRMN, reason="STRMN memory (stm_core.memory.recurrent) not there yet")
+def test_strmn_expands_rules_with_memory_slots():
+    mem = MemoryParams(slots=5, rules=["A", "C"])
+    vs = parse_variants(["strmn", "strmn:D", "recurrent:4:B"], mem)
+    assert [v.name for v in vs] == ["strmn-recurrent-5-A", "strmn-recurrent-5-C", "strmn-recurrent-5-D",
+                                    "strmn-recurrent-4-B"]
+    assert [(v.model, v.policy, v.rule, v.size) for v in vs][0] == ("strmn", "recurrent:5:A", "A", 5)
+
+
+def test_explicit_and_bare_policies():
+    vs = parse_variants(["stm:every:10", "fifo:3", "every"], MemoryParams(every=2))
+    assert [(v.name, v.model, v.policy) for v in vs] == [
+        ("stm-every-10", "stm", "every:10"), ("stm-fifo-3", "stm", "fifo:3"), ("stm-every-2", "stm", "every:2")]
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["stm:every:5", "stm:every"], "gave already"),
+    (["stm:bogus"], "unknown memory policy"),
+    (["stm"], "needs a memory policy"),
+    (["stm:every:0"], "integer >= 1"),
+    ([], "no variant"),
+])
+def test_bad_variants_are_errors_naming_the_spec(specs, message):
+    with pytest.raises(ValueError, match=message):
+        parse_variants(specs, MemoryParams(every=5))
+
+
+@pytest.mark.skipif(not HAS_STRMN, reason="STRMN memory not there yet")
+def test_recurrent_policy_needs_the_strmn_model():
+    with pytest.raises(ValueError, match="needs the STRMN model"):
+        parse_variants(["stm:recurrent:3:C"], MemoryParams())
+
+
+def test_memory_params_unknown_key_and_bad_rule(tmp_path):
+    with pytest.raises(ParamsError, match=r"p\.yaml: memory.*unknown key.*'slot'"):
+        section({"__file__": "p.yaml", "memory": {"slot": 5}}, "memory", MemoryParams)
+    with pytest.raises(ParamsError, match="rules"):
+        section({"__file__": "p.yaml", "memory": {"rules": ["E"]}}, "memory", MemoryParams)
+    assert section({"memory": {"slots": 5}}, "memory", MemoryParams).slots == 5
+
+
+# ----------------------------------------------------------------------------- copy-first and inputs
+
+def test_given_masks_keep_only_the_objects_each_frame_introduces():
+    gt = {t: np.zeros((4, 4), np.uint8) for t in range(4)}
+    for t in range(4):
+        gt[t][0, t] = 1
+    for t in (2, 3):
+        gt[t][3, 3] = 2
+    given = given_masks(gt, None)
+    assert sorted(given) == [0, 2]
+    assert set(np.unique(given[2])) == {0, 2}  # object 1 is tracked, not given again
+
+
+def test_copy_first_carries_each_annotation_forward():
+    first = np.zeros((3, 3), np.uint8)
+    first[0, :] = 1
+    later = np.zeros((3, 3), np.uint8)
+    later[:, 0] = 2  # overlaps object 1 at (0, 0): the newer annotation claims it
+    preds = copy_first(5, {0: first, 2: later}, (3, 3))
+    assert all((p == first).all() for p in preds[:2])
+    for p in preds[2:]:
+        assert p[0, 0] == 2 and (p[0, 1:] == 1).all() and (p[1:, 0] == 2).all() and p[2, 2] == 0
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _result(variant: str, name: str, gt: list[np.ndarray], pred: list[np.ndarray], seconds: float) -> SequenceResult:
+    scores = evaluate_sequence(gt, pred, name=name)
+    return SequenceResult(variant, name, [f"{i:05d}" for i in range(len(gt))], [index_mask_png(p) for p in pred],
+                          scores, len(gt), seconds, 3 * 2 ** 20, 4, 2 ** 20)
+
+
+def test_metrics_json_is_two_level_and_matches_the_metric():
+    rng = np.random.default_rng(0)
+    gt = [(rng.random((16, 16)) > 0.5).astype(np.uint8) for _ in range(5)]
+    pred = [g.copy() for g in gt]
+    pred[2][:4] = 0
+    s = summarize_variant("stm-every-5", [_result("stm-every-5", "a", gt, pred, 0.5)])
+    data = metrics_json([s])
+    assert list(data) == ["stm-every-5"] and list(data["stm-every-5"]) == list(METRICS)
+    m = data["stm-every-5"]
+    assert all(isinstance(v, float) for v in m.values())
+    assert m["JF_mean"] == pytest.approx(s.summary["J&F-Mean"], abs=1e-6)
+    assert m["fps"] == pytest.approx(10.0) and m["ms_per_frame"] == pytest.approx(100.0)
+    assert m["peak_memory_mb"] == 3.0 and m["memory_entries"] == 4.0 and m["memory_mb"] == 1.0
+    json.dumps(data, allow_nan=False)  # strict JSON: no NaN for DVC
+
+    rows = list(csv.DictReader(io.StringIO(variants_table([s]).decode())))
+    assert rows[0]["variant"] == "stm-every-5" and float(rows[0]["JF_mean"]) == pytest.approx(m["JF_mean"], abs=1e-5)
+    frames = list(csv.DictReader(io.StringIO(j_per_frame_table([s]).decode())))
+    assert [int(r["frame"]) for r in frames] == [1, 2, 3]  # first and last frames are not scored
+    assert float(frames[1]["stm-every-5"]) < 1.0 == float(frames[0]["stm-every-5"])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def _square(size: int, x: int, y: int, side: int) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[y:y + side, x:x + side] = True
+    return m
+
+
+def make_tiny_davis(root: Path, frames: int = 6, size: int = 64) -> list[str]:
+    """DAVIS layout: seq-a (one square), seq-b (two squares, the second appears at frame 2)."""
+    rng = np.random.default_rng(1)
+    names = ["seq-a", "seq-b"]
+    for s, name in enumerate(names):
+        bg = (rng.random((size, size, 3)) * 80 + 40).astype(np.uint8)
+        for t in range(frames):
+            image, ids = bg.copy(), np.zeros((size, size), np.uint8)
+            objects = [(1, 6 + 4 * t, 10 + 2 * t, (230, 40, 40))]
+            if s == 1 and t >= 2:
+                objects.append((2, 44 - 3 * t, 40, (40, 220, 60)))
+            for obj, x, y, colour in objects:
+                region = _square(size, x, y, 16)
+                image[region], ids[region] = colour, obj
+            write_image(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg", image)
+            write_index_mask(root / "Annotations" / "480p" / name / f"{t:05d}.png", ids)
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
+    return names
+
+
+def _md_rows(text: str, heading: str) -> dict[str, list[str]]:
+    part = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in part.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and not line.startswith("|---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import mlflow
+    import torch
+
+    from pipeline.cli import main
+    from stm_core.model.checkpoint import save_checkpoint
+    from stm_core.model.network import ModelConfig, STMNetwork
+
+    data = tmp_path / "bench"
+    names = make_tiny_davis(data)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "stm.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=32)))
+    variants = ["copy-first", "stm:first", "stm:every"]
+    if HAS_STRMN:
+        save_checkpoint(tmp_path / "strmn.pt", STMNetwork(ModelConfig(kind="strmn", decoder_dim=32, fusion_dim=16)))
+        variants.append("strmn")
+    params = {
+        "evaluate": {"variants": variants, "dataset": str(data), "split": "val", "stm_model": str(tmp_path / "stm.pt"),
+                     "strmn_model": str(tmp_path / "strmn.pt"), "num_cpus": 1, "overlays": 2},
+        "memory": {"every": 2, "slots": 3, "rules": ["A", "C"]},
+        "mlflow": {"experiment": "test-eval"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["evaluate", "--params", "params.yaml"]) == 0
+        assert main(["report", "--params", "params.yaml"]) == 0
+    finally:
+        ray.shutdown()
+
+    expected = ["copy-first", "stm-first", "stm-every-2"] + (
+        ["strmn-recurrent-3-A", "strmn-recurrent-3-C"] if HAS_STRMN else [])
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert list(metrics) == expected
+    gt_dir = data / "Annotations" / "480p"
+    direct = {}
+    for name in expected:
+        assert sorted(p.name for p in Path("results", name).iterdir() if p.is_dir()) == names
+        assert len(list(Path("results", name, "seq-b").glob("*.png"))) == 6
+        direct[name] = score_folders(gt_dir, Path("results") / name, names)
+        for key, ours in (("J&F-Mean", "JF_mean"), ("J-Mean", "J_mean"), ("F-Mean", "F_mean"),
+                          ("J-Recall", "J_recall"), ("F-Decay", "F_decay")):
+            assert metrics[name][ours] == pytest.approx(direct[name][key], abs=1e-6), (name, key)
+    assert metrics["copy-first"]["memory_entries"] == 0 and metrics["stm-every-2"]["memory_entries"] >= 2
+
+    frames = list(csv.DictReader(Path("plots/evaluate_j_per_frame.csv").open()))
+    assert [int(r["frame"]) for r in frames] == [1, 2, 3, 4] and list(frames[0])[1:] == expected
+    assert [r["variant"] for r in csv.DictReader(Path("plots/evaluate_variants.csv").open())] == expected
+
+    text = Path("reports/ablation.md").read_text()
+    stm = _md_rows(text, "STM Table 5 layout)")
+    for label, name in (("Copy first mask (no model)", "copy-first"), ("First", "stm-first"),
+                        ("Every 2 frames", "stm-every-2")):
+        jf, j, f = (f"{100 * direct[name][k]:.1f}" for k in ("J&F-Mean", "J-Mean", "F-Mean"))
+        assert stm[label][:3] == [jf, j, f], label
+    if HAS_STRMN:
+        strmn = _md_rows(text, "STRMN Table 4 layout)")
+        for label, name in (("Least similarity pair (C)", "strmn-recurrent-3-C"),
+                            ("Oldest vs remaining (A)", "strmn-recurrent-3-A"),
+                            ("Copy first mask (no model)", "copy-first")):
+            j, f, jf = (f"{100 * direct[name][k]:.1f}" for k in ("J-Mean", "F-Mean", "J&F-Mean"))
+            assert strmn[label][:3] == [j, f, jf], label
+        assert strmn["Least similarity pair (C)"][3] == "3"
+    assert Path("reports/ablation.png").stat().st_size > 1000
+
+    run_id = json.loads(Path("results/evaluation.json").read_text())["parent_run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    children = mlflow.search_runs(experiment_names=["test-eval"], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    assert sorted(children["tags.stm_variant"]) == sorted(expected)
+    assert set(children["status"]) == {"FINISHED"}
+    client = mlflow.MlflowClient()
+    child = children[children["tags.stm_variant"] == "stm-every-2"].iloc[0]
+    assert child["params.policy"] == "every:2"
+    assert child["metrics.JF_mean"] == pytest.approx(direct["stm-every-2"]["J&F-Mean"], abs=1e-6)
+    arts = {a.path for a in client.list_artifacts(child["run_id"])}
+    assert {"sequences.csv", "overlays"} <= arts
+    assert len(client.list_artifacts(child["run_id"], "overlays")) == 2
+    assert {a.path for a in client.list_artifacts(run_id, "report")} == {"report/ablation.md", "report/ablation.png"}

@@ -186,9 +186,11 @@ def segment_video(
         given = masks.get(t)
         probs = core.step(frame, given)
         out = probabilities_to_mask(probs, core.object_ids).cpu()
-        if given is not None:  # keep the annotation exactly where it speaks; predictions elsewhere
-            given = given.to(out.device)
-            out = torch.where(given > 0, given.to(torch.uint8), out)
+        if given is not None:  # annotated objects are exactly their annotation; others keep predictions
+            given = given.to(out.device).to(torch.uint8)
+            annotated = given.unique()
+            out = torch.where(torch.isin(out, annotated[annotated > 0]), 0, out)
+            out = torch.where(given > 0, given, out)
         yield out
 
 

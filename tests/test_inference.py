@@ -1,0 +1,140 @@
+"""Streaming inference on real DAVIS-layout data, and `stm segment` end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.cli import main as stm
+from stm_core.data.io import read_frame, read_index_mask
+from stm_core.inference import InferenceCore, pad_to_stride, probabilities_to_mask, segment_video, unpad
+from stm_core.model.checkpoint import save_checkpoint
+from stm_core.model.network import ModelConfig, STMNetwork
+
+SIZE = (96, 170)  # DAVIS 480p scaled down: the tests are about bookkeeping, not accuracy
+
+
+@pytest.fixture(scope="module")
+def network() -> STMNetwork:
+    torch.manual_seed(0)
+    return STMNetwork(ModelConfig()).eval()
+
+
+def small(frame: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(frame[None], size=SIZE, mode="bilinear", align_corners=False)[0]
+
+
+def small_mask(ids: np.ndarray) -> torch.Tensor:
+    return F.interpolate(torch.from_numpy(ids)[None, None].float(), size=SIZE, mode="nearest")[0, 0].long()
+
+
+def test_padding_round_trips():
+    x = torch.rand(2, 3, 37, 50)
+    padded, pad = pad_to_stride(x)
+    assert padded.shape[-2] % 16 == 0 and padded.shape[-1] % 16 == 0
+    assert torch.equal(unpad(padded, pad), x)
+
+
+def test_judo_objects_enter_mid_video(network: STMNetwork, davis_sample: Path):
+    """judo: objects 1..4 are introduced by masks at frames 0, 5, 8, 13."""
+    frames = sorted((davis_sample / "JPEGImages/480p/judo").glob("*.jpg"))
+    annotations = {int(p.stem): p for p in (davis_sample / "Annotations/480p/judo").glob("*.png")}
+    assert sorted(annotations) == [0, 5, 8, 13]
+    introduced = {0: 1, 5: 2, 8: 3, 13: 4}
+    core = InferenceCore(network, "every:5")
+    expected: list[int] = []
+    for t, path in enumerate(frames):
+        mask = small_mask(read_index_mask(annotations[t])) if t in annotations else None
+        if t in introduced:
+            expected.append(introduced[t])
+        probs = core.step(small(read_frame(path)), mask)
+        assert core.object_ids == expected, f"frame {t}"
+        assert probs.shape == (1 + len(expected), *SIZE)
+        assert torch.allclose(probs.sum(0), torch.ones(SIZE), atol=1e-4)
+        ids = probabilities_to_mask(probs, core.object_ids)
+        assert set(ids.unique().tolist()) <= {0, *expected}
+        if t in introduced:  # the annotation is ground truth on its own frame
+            new = introduced[t]
+            assert torch.equal(ids == new, mask == new), f"frame {t}"
+    # every group keeps its own memory: group k started at its annotation frame
+    assert [g.object_ids for g in core.groups] == [[1], [2], [3], [4]]
+    assert core.groups[0].memory.size == 4  # frames 0, 5, 10 and the previous frame 15
+
+
+def test_memory_encodings_are_not_recomputed(network: STMNetwork, monkeypatch):
+    """`first` never encodes after the first frame; `every:5` encodes each frame once."""
+    calls = []
+    original = network.encode_memory
+    monkeypatch.setattr(network, "encode_memory", lambda *a, **k: calls.append(1) or original(*a, **k))
+    mask = torch.zeros(SIZE, dtype=torch.long)
+    mask[20:60, 30:90] = 1
+    for policy, expected_calls in [("first", 1), ("every:5", 10)]:
+        calls.clear()
+        core = InferenceCore(network, policy)
+        for t in range(10):
+            core.step(torch.rand(3, *SIZE), mask if t == 0 else None)
+        assert len(calls) == expected_calls, policy
+
+
+def test_segment_video_yields_annotation_on_annotated_frames(network: STMNetwork):
+    mask = torch.zeros(SIZE, dtype=torch.long)
+    mask[10:50, 10:60] = 3
+    mask[60:90, 100:160] = 5
+    outs = list(segment_video(network, (torch.rand(3, *SIZE) for _ in range(4)), {0: mask}, "first+previous"))
+    assert len(outs) == 4 and outs[0].dtype == torch.uint8
+    assert torch.equal(outs[0].long(), mask)
+    assert all(set(o.unique().tolist()) <= {0, 3, 5} for o in outs)
+
+
+@pytest.mark.slow
+def test_stm_segment_end_to_end_on_car_shadow(tmp_path: Path, davis_sample: Path, network: STMNetwork):
+    frames_src = davis_sample / "JPEGImages/480p/car-shadow"
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for p in sorted(frames_src.glob("*.jpg"))[:8]:  # a short clip keeps the test fast
+        (frames / p.name).symlink_to(p)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "00000.png").symlink_to(davis_sample / "Annotations/480p/car-shadow/00000.png")
+    ckpt = tmp_path / "random.pt"
+    save_checkpoint(ckpt, network)
+    out = tmp_path / "out"
+    code = stm(["segment", "--checkpoint", str(ckpt), "--frames", str(frames), "--masks", str(masks),
+                "--out", str(out), "--memory", "every:5", "--max-size", "160"])
+    assert code == 0
+    written = sorted(out.glob("*.png"))
+    assert [p.name for p in written] == [f"{i:05d}.png" for i in range(8)]
+    with Image.open(written[3]) as im, Image.open(masks / "00000.png") as src:
+        assert im.mode == "P" and im.size == (854, 480)
+        assert im.getpalette()[:6] == src.getpalette()[:6]  # the input masks' palette
+        assert set(np.unique(np.asarray(im)).tolist()) <= {0, 1}
+    assert np.array_equal(np.asarray(Image.open(written[0])), read_index_mask(masks / "00000.png"))
+
+
+def test_stm_segment_refuses_without_checkpoint(tmp_path: Path, capsys):
+    assert stm(["segment", "--frames", str(tmp_path), "--masks", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "--checkpoint is required" in capsys.readouterr().err
+
+
+def test_stm_segment_wrong_architecture_is_a_clear_error(tmp_path: Path, capsys):
+    state = STMNetwork(ModelConfig()).state_dict()
+    torch.save({"kind": "stm", "model_config": {"backbone": "resnet50"}, "state_dict": state}, tmp_path / "x.pt")
+    (tmp_path / "f").mkdir()
+    code = stm(["segment", "--checkpoint", str(tmp_path / "x.pt"), "--frames", str(tmp_path / "f"),
+                "--masks", str(tmp_path / "f"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "x.pt" in capsys.readouterr().err
+
+
+def test_stm_segment_names_a_mask_of_the_wrong_size(tmp_path: Path, davis_sample: Path, network, capsys):
+    ckpt = tmp_path / "random.pt"
+    save_checkpoint(ckpt, network)
+    code = stm(["segment", "--checkpoint", str(ckpt), "--frames", str(davis_sample / "JPEGImages/480p/judo"),
+                "--masks", str(davis_sample / "Annotations/480p/judo"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "00005.png: mask is 853x480 but frame 00005.jpg is 854x480" in capsys.readouterr().err

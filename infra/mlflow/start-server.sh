@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Start the one MLflow tracking server that every node of a cluster logs to.
+#
+#   MLFLOW_BACKEND_STORE_URI=postgresql://user:pass@db:5432/mlflow \
+#   MLFLOW_ARTIFACTS_DESTINATION=s3://my-bucket/stm-vos/mlflow \
+#   infra/mlflow/start-server.sh
+#
+# Then point every client at it:  export MLFLOW_TRACKING_URI=http://<this host>:5000
+#
+# Environment (all optional):
+#   MLFLOW_BACKEND_STORE_URI      runs, params, metrics: a SQLAlchemy URI (postgresql://, mysql://,
+#                                 sqlite:////abs/path.db); default sqlite in $MLFLOW_DATA_DIR
+#   MLFLOW_ARTIFACTS_DESTINATION  where the server stores artifacts (s3://, gs://, a path); default
+#                                 $MLFLOW_DATA_DIR/artifacts. Clients upload through the server
+#                                 (--serve-artifacts), so workers need no bucket credentials.
+#   MLFLOW_DATA_DIR               local directory for the defaults above (default ~/mlflow-server)
+#   MLFLOW_HOST / MLFLOW_PORT     bind address and port (default 0.0.0.0:5000)
+#   MLFLOW_WORKERS                server worker processes (default 2)
+#   MLFLOW_ALLOWED_HOSTS          Host headers to accept (default: MLflow's own, localhost and
+#                                 private IPs; set it when clients use a DNS name such as a k8s Service)
+#   MLFLOW_EXTRA_ARGS             extra `mlflow server` options, word-split
+#
+# The server runs in the foreground (a container's main process); background it with nohup
+# on a VM. `--dry-run` prints the command without starting anything.
+set -euo pipefail
+
+data_dir="${MLFLOW_DATA_DIR:-$HOME/mlflow-server}"
+backend="${MLFLOW_BACKEND_STORE_URI:-sqlite:///${data_dir}/mlflow.db}"
+artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-${data_dir}/artifacts}"
+host="${MLFLOW_HOST:-0.0.0.0}"
+port="${MLFLOW_PORT:-5000}"
+workers="${MLFLOW_WORKERS:-2}"
+
+case "$backend" in
+  *://*) ;;
+  *) echo "start-server.sh: MLFLOW_BACKEND_STORE_URI='$backend' is not a URI (e.g. sqlite:////abs/mlflow.db, postgresql://...)" >&2
+     exit 2 ;;
+esac
+
+cmd=(mlflow server
+     --backend-store-uri "$backend"
+     --artifacts-destination "$artifacts"
+     --serve-artifacts
+     --host "$host"
+     --port "$port"
+     --workers "$workers")
+if [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]]; then
+  cmd+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+fi
+if [[ -n "${MLFLOW_EXTRA_ARGS:-}" ]]; then
+  read -r -a extra <<< "$MLFLOW_EXTRA_ARGS"
+  cmd+=("${extra[@]}")
+fi
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+  printf '%q ' "${cmd[@]}"
+  echo
+  exit 0
+fi
+# Local stores need their directories; remote ones (postgresql://, s3://) are the operator's.
+case "$backend" in sqlite:///*) mkdir -p "$(dirname "${backend#sqlite:///}")" ;; esac
+case "$artifacts" in *://*) ;; *) mkdir -p "$artifacts" ;; esac
+echo "start-server.sh: backend=$backend artifacts=$artifacts listening on $host:$port" >&2
+exec "${cmd[@]}"

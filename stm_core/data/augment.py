@@ -113,13 +113,22 @@ def sample_jitter(j: ColorJitter, rng: np.random.Generator) -> JitterDraw:
 
 
 def apply_jitter(image: np.ndarray, *draws: JitterDraw) -> np.ndarray:
-    """Apply colour draws in order to uint8 `H x W x 3`; returns uint8."""
-    x = image.astype(np.float32)
+    """Apply colour draws in order to uint8 `H x W x 3`; returns uint8.
+
+    Each step is affine in RGB (contrast pivots on the image mean), so the chain folds into one
+    3x3 matrix and offset, tracked through the per-channel mean: one pass over the pixels.
+    """
+    grey = np.array([0.299, 0.587, 0.114])
+    a, off = np.eye(3), np.zeros(3)
+    mean = image.reshape(-1, 3).mean(0).astype(np.float64)
     for d in draws:
-        x = x * d.brightness
-        x = (x - x.mean()) * d.contrast + x.mean()
-        grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        x = grey[..., None] + (x - grey[..., None]) * d.saturation
+        a, off = d.brightness * a, d.brightness * off
+        m = float((a @ mean + off).mean())  # the current image's mean intensity
+        a, off = d.contrast * a, d.contrast * off + (1 - d.contrast) * m
+        sat = d.saturation * np.eye(3) + (1 - d.saturation) * np.outer(np.ones(3), grey)
+        a, off = sat @ a, sat @ off
         if d.hue:
-            x = x @ _hue_matrix(d.hue).T.astype(np.float32)
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+            hue = _hue_matrix(d.hue)
+            a, off = hue @ a, hue @ off
+    x = image.reshape(-1, 3).astype(np.float32) @ a.T.astype(np.float32) + off.astype(np.float32)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(image.shape)

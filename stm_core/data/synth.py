@@ -32,15 +32,15 @@ class PairSource(Protocol):
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]: ...  # image H x W x 3, ids H x W
 
 
-def _default_clip_affine() -> AffineRange:
+def default_clip_affine() -> AffineRange:
     return AffineRange(rotation=15.0, shear=10.0, zoom=[0.9, 1.3], translate=0.05, hflip=0.5)
 
 
-def _default_frame_affine() -> AffineRange:
+def default_frame_affine() -> AffineRange:
     return AffineRange(rotation=15.0, shear=10.0, zoom=[0.9, 1.1], translate=0.08)
 
 
-def _default_object_affine() -> AffineRange:
+def default_object_affine() -> AffineRange:
     return AffineRange(rotation=30.0, shear=10.0, zoom=[0.8, 1.2], translate=0.15)
 
 
@@ -52,9 +52,9 @@ class SynthConfig:
     height: int = 384  # output frame height (the training crop)
     width: int = 384  # output frame width
     max_objects: int = 3  # objects per clip: uniform in [1, max_objects], each from a different image
-    clip_affine: AffineRange = field(default_factory=_default_clip_affine)  # per clip, background layer
-    frame_affine: AffineRange = field(default_factory=_default_frame_affine)  # per frame, every layer
-    object_affine: AffineRange = field(default_factory=_default_object_affine)  # per clip, pasted objects
+    clip_affine: AffineRange = field(default_factory=default_clip_affine)  # per clip, background layer
+    frame_affine: AffineRange = field(default_factory=default_frame_affine)  # per frame, every layer
+    object_affine: AffineRange = field(default_factory=default_object_affine)  # per clip, pasted objects
     object_scale: list[float] = field(default_factory=lambda: [0.3, 0.6])  # pasted object size / frame side
     clip_jitter: ColorJitter = field(default_factory=lambda: ColorJitter(0.2, 0.2, 0.2, 0.03))
     frame_jitter: ColorJitter = field(default_factory=lambda: ColorJitter(0.05, 0.05, 0.05, 0.01))

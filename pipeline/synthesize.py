@@ -1,0 +1,215 @@
+"""Synthesize pretraining clips from static image+mask sets on Ray Data -> data/synthetic/<set>/*.parquet.
+
+Rows of clip indices -> `map_batches` with a clip-making actor class on an `ActorPoolStrategy` ->
+`write_parquet` with stable shard names (`clips-00000-0.parquet`, ...) and overwrite mode. Clip i
+depends only on (seed, set name, i), so the same params give byte-identical shards on any number
+of workers. Each set is written to a temp folder and renamed into place when whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.params import DEFAULT_PARAMS, load_params, section
+from pipeline.tracking import project_root
+from stm_core.data.augment import AffineRange, ColorJitter
+from stm_core.data.synth import SynthConfig, default_clip_affine, default_frame_affine, default_object_affine
+
+log = logging.getLogger("pipeline.synthesize")
+
+
+@dataclass
+class ClipSetParams:
+    frames: int = 3  # frames per clip
+    clips: int = 1000  # clips in the set
+
+
+def _default_sets() -> dict[str, ClipSetParams]:
+    return {"stm": ClipSetParams(3, 2000), "strmn": ClipSetParams(5, 1000)}
+
+
+@dataclass
+class SynthesizeParams:
+    """params.yaml section `synthesize`."""
+
+    sources: list[str] = field(default_factory=lambda: ["builtin-images"])  # static sets under raw_root
+    raw_root: str = "data/raw"  # where `stm download` put the sources
+    output: str = "data/synthetic"  # one sub-folder of Parquet shards per clip set
+    seed: int = 0  # clip i of set s depends only on (seed, s, i)
+    sets: dict[str, ClipSetParams] = field(default_factory=_default_sets)  # name -> frames, clips
+    height: int = 128  # clip frame height
+    width: int = 128  # clip frame width
+    max_objects: int = 3  # objects per clip (1..max), each from a different source image
+    clip_affine: AffineRange = field(default_factory=default_clip_affine)  # per clip (background layer)
+    frame_affine: AffineRange = field(default_factory=default_frame_affine)  # per frame (every layer)
+    object_affine: AffineRange = field(default_factory=default_object_affine)  # per clip (pasted objects)
+    object_scale: list[float] = field(default_factory=lambda: [0.3, 0.6])  # pasted object side / frame side
+    clip_jitter: ColorJitter = field(default_factory=lambda: ColorJitter(0.2, 0.2, 0.2, 0.03))  # per clip
+    frame_jitter: ColorJitter = field(default_factory=lambda: ColorJitter(0.05, 0.05, 0.05, 0.01))  # per frame
+    min_area: float = 0.005  # share of frame 0 an object must cover to be kept
+    image_format: Literal["jpeg", "png"] = "jpeg"  # frame encoding in the shards (masks: palette PNG)
+    jpeg_quality: int = 90  # JPEG quality when image_format is jpeg
+    clips_per_shard: int = 250  # rows per Parquet file
+    num_actors: int | None = None  # clip-making actors (null: one per CPU Ray has, at most one per shard)
+
+    def synth_config(self, n_frames: int) -> SynthConfig:
+        return SynthConfig(n_frames=n_frames, height=self.height, width=self.width, max_objects=self.max_objects,
+                           clip_affine=self.clip_affine, frame_affine=self.frame_affine,
+                           object_affine=self.object_affine, object_scale=list(self.object_scale),
+                           clip_jitter=self.clip_jitter, frame_jitter=self.frame_jitter, min_area=self.min_area)
+
+
+def set_stream(name: str) -> int:
+    """A stable random stream per clip set, so `stm` and `strmn` clips differ."""
+    return zlib.crc32(name.encode())
+
+
+class ClipMaker:
+    """Ray Data UDF (one per actor): a batch of clip ids -> a pyarrow table of encoded clips."""
+
+    def __init__(self, roots: list[str], cfg: SynthConfig, seed: int, stream: int, image_format: str, quality: int):
+        from stm_core.data.images import StaticImageSet
+
+        self.pairs = StaticImageSet(roots)
+        self.cfg, self.seed, self.stream = cfg, seed, stream
+        self.image_format, self.quality = image_format, quality
+
+    def __call__(self, batch: dict[str, Any]):
+        import pyarrow as pa
+
+        from stm_core.data.clips import encode_clip_row
+        from stm_core.data.synth import clip_rng, synthesize_clip
+
+        rows = []
+        for clip_id in sorted(int(i) for i in batch["id"]):
+            clip = synthesize_clip(self.pairs, self.cfg, clip_rng(self.seed, clip_id, self.stream))
+            rows.append(encode_clip_row(clip_id, clip, self.image_format, self.quality))
+        return pa.Table.from_pylist(rows, schema=clip_schema())
+
+
+def clip_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("clip_id", pa.int64()), ("n_frames", pa.int32()), ("n_objects", pa.int32()), ("height", pa.int32()),
+        ("width", pa.int32()), ("frames", pa.list_(pa.binary())), ("masks", pa.list_(pa.binary())),
+        ("sources", pa.list_(pa.int32())), ("image_format", pa.string()),
+    ])
+
+
+def _shard_names():
+    from ray.data.datasource import FilenameProvider
+
+    class ShardNames(FilenameProvider):
+        """`clips-<task>` (Ray appends `-<i>.parquet`): no write uuid, so names are the same every run."""
+
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"clips-{task_index:05d}"
+
+    return ShardNames()
+
+
+def synthesize_set(name: str, n_frames: int, clips: int, p: SynthesizeParams, roots: list[Path], out_dir: Path,
+                   num_actors: int | None = None) -> dict:
+    """Write one clip set to `out_dir` (replaced atomically). Ray must be initialised."""
+    import ray
+    from ray.data import ActorPoolStrategy, SaveMode
+
+    shards = max(1, math.ceil(clips / p.clips_per_shard))
+    cpus = int(ray.available_resources().get("CPU", 1)) or 1
+    actors = max(1, min(num_actors or p.num_actors or cpus, shards))
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shard k holds clips of block k, written as task k
+    cfg = p.synth_config(n_frames)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    ds = ray.data.range(clips, override_num_blocks=shards)
+    ds = ds.map_batches(
+        ClipMaker, batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=1,
+        fn_constructor_kwargs={"roots": [str(r) for r in roots], "cfg": cfg, "seed": p.seed,
+                               "stream": set_stream(name), "image_format": p.image_format, "quality": p.jpeg_quality},
+    )
+    # Writes are I/O: no CPU reservation, so they never wait behind the clip actors (2-CPU machines).
+    ds.write_parquet(str(tmp), filename_provider=_shard_names(), mode=SaveMode.OVERWRITE, ray_remote_args={"num_cpus": 0})
+    seconds = time.perf_counter() - start
+    manifest = {"set": name, "clips": clips, "frames": n_frames, "shards": sorted(f.name for f in tmp.glob("*.parquet")),
+                "seed": p.seed, "sources": [r.name for r in roots], "config": asdict(cfg)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    _replace_dir(tmp, out_dir)
+    return {"set": name, "clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "actors": actors}
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished folder into place; an old one is removed only after the new one is there."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str, root: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
+def source_roots(p: SynthesizeParams, root: Path) -> list[Path]:
+    from stm_core.data.io import DataError
+
+    roots = [resolve(p.raw_root, root) / s for s in p.sources]
+    for r in roots:
+        if not (r / "images").is_dir() or not (r / "masks").is_dir():
+            raise DataError(f"{r}: not a static image set (images/ + masks/); run `stm download` with source "
+                            f"{r.name!r} first, or fix synthesize.sources")
+    return roots
+
+
+def run_synthesize(params_file: str | Path, only: list[str] | None = None) -> list[dict]:
+    import ray
+
+    from pipeline.cluster import init_ray
+
+    params = load_params(params_file)
+    p = section(params, "synthesize", SynthesizeParams)
+    root = project_root(params_file)
+    roots = source_roots(p, root)
+    started = not ray.is_initialized()
+    ray_p = params.get("ray") or {}
+    init_ray(num_cpus=ray_p.get("num_cpus"))
+    results = []
+    try:
+        for name, s in p.sets.items():
+            if only and name not in only:
+                continue
+            out = resolve(p.output, root) / name
+            print(f"synthesize: {s.clips} clips x {s.frames} frames -> {out}", file=sys.stderr)
+            r = synthesize_set(name, s.frames, s.clips, p, roots, out)
+            print(f"synthesize: {name}: {r['clips_per_s']:.1f} clips/s on {r['actors']} actors", file=sys.stderr)
+            results.append(r)
+    finally:
+        if started:
+            ray.shutdown()
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (section `synthesize`)")
+    parser.add_argument("--set", action="append", dest="sets", help="only this clip set (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_synthesize(args.params, args.sets)
+    return 0

@@ -1,0 +1,224 @@
+"""Fetch the datasets named in params (`download.sources`) into data/raw/<source>/.
+
+Three kinds of source: `builtin` (generated offline from scikit-image's sample images, seeded),
+remote ones from the registry below (official URLs, checked against published checksums where
+there are any), and `local` ones (a folder, an archive or a file:// URL, given in
+`download.overrides.<name>.path`; datasets behind a login, such as YouTube-VOS, come this way).
+Each source is built in a temp folder next to its target and renamed into place with a
+`.complete` marker only when whole, so a failed or corrupt download never looks finished; an
+up-to-date source is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.fetch import DownloadError, copy_tree, extract, fetch
+from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params, section
+from pipeline.prepare import prepare
+from pipeline.registry import REGISTRY, RemoteFile, Source
+from pipeline.tracking import project_root
+from stm_core.data.builtin import BuiltinImagesConfig, write_builtin_images
+from stm_core.data.builtin_videos import BuiltinVideosConfig, write_builtin_videos
+from stm_core.data.io import DataError
+
+MARKER = ".complete"
+
+
+@dataclass
+class SourceOverride:
+    """Per-source settings (`download.overrides.<name>`)."""
+
+    path: str = ""  # local folder, archive or file:// URL to use instead of downloading
+    url: str = ""  # a mirror to download from instead of the official URL (single-file sources)
+    layout: str = ""  # how to arrange it: davis | youtube-vos | images | saliency | voc | sbd | coco | raw
+    verify: bool = True  # check published sizes/checksums (turn off for a mirror with other files)
+
+
+@dataclass
+class DownloadParams:
+    """params.yaml section `download`."""
+
+    sources: list[str] = field(default_factory=lambda: ["builtin-images", "builtin-videos"])  # what to fetch
+    root: str = "data/raw"  # each source lands in <root>/<name>/
+    cache: str = "data/downloads"  # downloaded archives (kept for resuming and re-extraction)
+    keep_archives: bool = True  # keep archives in the cache after extraction
+    retries: int = 4  # retries per file, with exponential backoff
+    timeout: float = 60.0  # seconds without data before a retry
+    seed: int = 0  # seed of the built-in datasets
+    builtin_images: BuiltinImagesConfig = field(default_factory=BuiltinImagesConfig)  # builtin-images source
+    builtin_videos: BuiltinVideosConfig = field(default_factory=BuiltinVideosConfig)  # builtin-videos source
+    overrides: dict[str, SourceOverride] = field(default_factory=dict)  # name -> local path / mirror / layout
+
+
+def marker_for(name: str, kind: str, details: dict) -> dict:
+    """What `.complete` holds: enough to tell whether the folder matches the params (no timestamps,
+    so DVC sees identical outputs on identical runs)."""
+    return {"source": name, "kind": kind, **details}
+
+
+def is_complete(target: Path, marker: dict | None = None) -> bool:
+    path = target / MARKER
+    if not path.is_file():
+        return False
+    if marker is None:
+        return True
+    try:
+        return json.loads(path.read_text()) == json.loads(json.dumps(marker))
+    except json.JSONDecodeError:
+        return False
+
+
+def build_into(target: Path, marker: dict, build) -> bool:
+    """Run `build(tmp_dir)`, then atomically put tmp_dir at `target` with its marker.
+    Returns False when `target` was already complete for this marker (nothing done)."""
+    if is_complete(target, marker):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        build(tmp)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists() or target.is_symlink():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def _local_path(spec: str, root: Path) -> Path:
+    if spec.startswith("file://"):
+        parsed = urllib.parse.urlparse(spec)
+        return Path(urllib.parse.unquote(parsed.path))
+    p = Path(spec).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def fetch_local(name: str, path: Path, layout: str, target: Path) -> bool:
+    if not path.exists():
+        raise DownloadError(f"{path}: local source {name!r} not found")
+    stat = path.stat()
+    marker = marker_for(name, "local", {"path": str(path), "layout": layout,
+                                         "size": stat.st_size if path.is_file() else None})
+
+    def build(tmp: Path) -> None:
+        src = tmp / ".src"
+        if path.is_dir():
+            copy_tree(path, src)
+        else:
+            extract(path, src)
+        prepare(layout, src, tmp)
+
+    return build_into(target, marker, build)
+
+
+def fetch_remote(source: Source, p: DownloadParams, override: SourceOverride, cache: Path, target: Path) -> bool:
+    files = list(source.files)
+    if override.url:
+        if len(files) != 1:
+            raise ParamsError(f"download.overrides.{source.name}.url: {source.name} has {len(files)} files; "
+                              f"a mirror URL replaces one file only (use `path` with a local copy instead)")
+        f = files[0]
+        files = [RemoteFile(override.url, f.filename, f.size, f.md5, f.sha256)]
+    if not override.verify:
+        files = [RemoteFile(f.url, f.filename) for f in files]
+    layout = override.layout or source.layout
+    marker = marker_for(source.name, "remote", {"layout": layout, "files": [asdict(f) for f in files]})
+    if is_complete(target, marker):
+        return False
+    archives = [fetch(f.url, cache / f.filename, size=f.size, md5=f.md5, sha256=f.sha256, retries=p.retries,
+                      timeout=p.timeout) for f in files]
+
+    def build(tmp: Path) -> None:
+        src = tmp / ".src"
+        for archive in archives:
+            extract(archive, src)
+        prepare(layout, src, tmp)
+
+    done = build_into(target, marker, build)
+    if not p.keep_archives:
+        for archive in archives:
+            archive.unlink(missing_ok=True)
+    return done
+
+
+def fetch_builtin(name: str, p: DownloadParams, target: Path) -> bool:
+    if name == "builtin-images":
+        cfg, write = p.builtin_images, write_builtin_images
+    else:
+        cfg, write = p.builtin_videos, write_builtin_videos
+    marker = marker_for(name, "builtin", {"seed": p.seed, "config": asdict(cfg)})
+    return build_into(target, marker, lambda tmp: write(tmp, cfg, p.seed))
+
+
+def fetch_source(name: str, p: DownloadParams, root: Path) -> bool:
+    """Make `<root>/<download.root>/<name>` complete; True when something was (re)built."""
+    raw, cache = _local_path(p.root, root), _local_path(p.cache, root)
+    target = raw / name
+    override = p.overrides.get(name, SourceOverride())
+    if name in ("builtin-images", "builtin-videos"):
+        return fetch_builtin(name, p, target)
+    source = REGISTRY.get(name)
+    if override.path:
+        layout = override.layout or (source.layout if source else "")
+        if not layout:
+            raise ParamsError(f"download.overrides.{name}.layout: say how {name!r} is laid out "
+                              f"(davis, youtube-vos, images, saliency, voc, sbd, coco or raw)")
+        return fetch_local(name, _local_path(override.path, root), layout, target)
+    if source is None:
+        known = sorted([*REGISTRY, "builtin-images", "builtin-videos"])
+        raise ParamsError(f"download.sources: unknown source {name!r}; known: {known}, or give "
+                          f"download.overrides.{name}.path for a local one")
+    if not source.files:  # behind a login: only a local copy will do
+        raise DownloadError(f"{name}: {source.instructions} Then set download.overrides.{name}.path in "
+                            f"params.yaml to the downloaded archive or its extracted folder.")
+    return fetch_remote(source, p, override, cache, target)
+
+
+def run_download(params_file: str | Path, only: list[str] | None = None) -> list[str]:
+    params = load_params(params_file)
+    p = section(params, "download", DownloadParams)
+    root = project_root(params_file)
+    built = []
+    for name in only or p.sources:
+        print(f"download: {name} ...", file=sys.stderr)
+        changed = fetch_source(name, p, root)
+        print(f"download: {name}: {'done' if changed else 'up to date'} ({_local_path(p.root, root) / name})",
+              file=sys.stderr)
+        if changed:
+            built.append(name)
+    return built
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (section `download`)")
+    parser.add_argument("--source", action="append", dest="sources",
+                        help="fetch only this source (repeatable; default: download.sources)")
+    parser.add_argument("--list", action="store_true", help="list the known sources and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for name in ("builtin-images", "builtin-videos"):
+            print(f"{name:28s} built-in, offline (scikit-image sample images)")
+        for s in REGISTRY.values():
+            print(f"{s.name:28s} {s.layout:12s} {s.size_hint:>9s}  {s.homepage}")
+        return 0
+    try:
+        run_download(args.params, args.sources)
+    except (DownloadError, ParamsError, DataError) as err:
+        print(f"stm download: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,232 @@
+"""Train STM or STRMN on Ray Train: `--stage pretrain` (synthetic clips) or `--stage main` (videos).
+
+The driver reads params.yaml, creates (or re-attaches to) the MLflow run, starts a Ray Train
+`TorchTrainer` whose loop is `pipeline.train_loop.train_loop`, and writes the DVC outputs from
+the final checkpoint: `models/[strmn-]<stage>/model.pt` and `metrics/train-<stage>[-strmn].json`.
+Checkpoints live under `ray.storage` in a run named from a hash of everything that shapes the
+result, so re-running the stage after a crash resumes where it stopped, while changed params or
+data start a fresh run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params, section
+from pipeline.tracking import MlflowParams, project_root, tracking_uri
+from stm_core.model.network import ModelConfig
+
+log = logging.getLogger("pipeline.train")
+STAGES = ("pretrain", "main")
+RUN_ID_FILE = "mlflow_run_id"
+FAULT_ENV = "STM_TRAIN_FAULT"  # "STEP:MARKER": one worker exits once at STEP (tests of fault tolerance)
+
+
+@dataclass
+class StageParams:
+    """One training stage (params sections `pretrain` and `train`)."""
+
+    steps: int = 100  # optimizer steps in the stage
+    batch_size: int = 4  # global batch (clips per step), split evenly across Ray workers
+    lr: float = 5e-4  # Adam learning rate (the paper: 1e-5 from ImageNet weights on GPUs)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: fixed (paper) or cosine to 10%
+    warmup_steps: int = 0  # linear learning-rate warm-up steps
+    weight_decay: float = 0.0  # Adam weight decay
+    grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
+    loss: Literal["ce", "bootstrap"] = "ce"  # cross-entropy, or bootstrapped CE over the hardest pixels
+    bootstrap_top_p: float = 0.15  # share of hardest pixels the bootstrapped CE averages
+    frames: int = 3  # frames per STM training clip (the paper: 3)
+    crop: int = 96  # square training crop in pixels (the paper: 384); Parquet clips larger than it are cropped
+    max_objects: int = 3  # objects per clip at most (a random subset of frame 0's objects)
+    max_skip: int = 0  # largest frame skip between sampled video frames (the paper: 25)
+    skip_ramp: float = 0.5  # share of the steps over which max skip grows from 0 (curriculum)
+    data: str = "data/synthetic/{model}"  # Parquet clip folder or video dataset root ({model}: stm|strmn)
+    data_format: Literal["parquet", "davis", "youtube-vos"] = "parquet"  # layout of `data`
+    split: str = "train"  # video split (DAVIS ImageSets name / YouTube-VOS folder)
+    init: str = "none"  # starting weights: none | pretrain (that stage's output for this model) | a path
+    shuffle_buffer: int = 64  # Parquet rows in each worker's local shuffle buffer (0: no shuffle)
+    materialize: bool = True  # load the Parquet clips into Ray's object store first (2-CPU deadlock fix)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
+    checkpoint_every: int = 50  # steps between checkpoints (and always at the end)
+    num_to_keep: int = 2  # checkpoints kept in storage
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the stage fails
+    log_every: int = 10  # steps between progress lines / MLflow metrics
+    log_images_every: int = 50  # steps between prediction overlays logged to MLflow (0: never)
+
+
+@dataclass
+class StrmnParams:
+    """How the STRMN model beside STM is trained (params section `strmn`)."""
+
+    slots: int = 5  # K memory slots during the training unroll
+    rule: Literal["A", "B", "C", "D", "I2M"] = "C"  # memory update rule during training
+    norm: Literal["frozen_bn", "group"] = "group"  # backbone normalisation (the STRMN paper: GroupNorm)
+    segment_length: int = 4  # TBPTT segment length T in frames (the paper: 10)
+    pretrain_frames: int = 5  # frames per synthetic pretraining clip (the paper: 5)
+    main_frames: int = 8  # frames per video clip in main training (the paper: 50)
+
+
+@dataclass
+class RayParams:
+    """Ray resources (params section `ray`)."""
+
+    num_workers: int = 2  # training workers (DDP ranks); 0 runs in-process without Ray workers
+    use_gpu: bool = False  # one GPU per worker, NCCL; CPU workers use gloo
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker (also its torch threads)
+    gpus_per_worker: float = 1.0  # GPUs per worker when use_gpu
+    num_cpus: int | None = None  # CPUs of a local Ray instance (null: all); ignored on a cluster
+    object_store_mb: int | None = None  # object store size of a local Ray instance in MiB (null: Ray's default)
+    storage: str = "checkpoints"  # checkpoint storage: a path (relative to the project root) or a URI (s3://...)
+
+
+@dataclass
+class TrainSettings:
+    stage: str
+    kind: str
+    model: ModelConfig
+    stage_params: StageParams
+    strmn: StrmnParams
+    ray: RayParams
+    mlflow: MlflowParams
+    seed: int
+    root: Path
+    params_file: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return "strmn-" if self.kind == "strmn" else ""
+
+    @property
+    def model_out(self) -> Path:
+        return self.root / "models" / f"{self.prefix}{self.stage}" / "model.pt"
+
+    @property
+    def metrics_out(self) -> Path:
+        suffix = "-strmn" if self.kind == "strmn" else ""
+        return self.root / "metrics" / f"train-{self.stage}{suffix}.json"
+
+    @property
+    def frames(self) -> int:
+        if self.kind == "strmn":
+            return self.strmn.pretrain_frames if self.stage == "pretrain" else self.strmn.main_frames
+        return self.stage_params.frames
+
+    def data_path(self) -> Path:
+        return resolve(self.root, self.stage_params.data.replace("{model}", self.kind))
+
+    def init_path(self) -> Path | None:
+        init = self.stage_params.init
+        if init in ("", "none"):
+            return None
+        if init == "pretrain":
+            return self.root / "models" / f"{self.prefix}pretrain" / "model.pt"
+        return resolve(self.root, init)
+
+    def storage(self) -> str:
+        s = self.ray.storage
+        return s if "://" in s else str(resolve(self.root, s))
+
+
+def resolve(root: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+def settings(params_file: str | Path, stage: str, kind: str) -> TrainSettings:
+    if stage not in STAGES:
+        raise ParamsError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    params = load_params(params_file)
+    model_raw = dict(params.get("model") or {})
+    if "kind" in model_raw:
+        raise ParamsError(f"{params_file}: model.kind is not a setting; choose the model with --model stm|strmn")
+    model = section({**params, "model": model_raw}, "model", ModelConfig)
+    strmn = section(params, "strmn", StrmnParams)
+    model = dataclasses.replace(model, kind=kind, **({"norm": strmn.norm} if kind == "strmn" else {}))
+    name = "pretrain" if stage == "pretrain" else "train"
+    seed = params.get("seed", 0)
+    if not isinstance(seed, int):
+        raise ParamsError(f"{params_file}: seed: expected an integer, got {seed!r}")
+    return TrainSettings(stage, kind, model, section(params, name, StageParams), strmn, section(params, "ray", RayParams),
+                         section(params, "mlflow", MlflowParams), seed, project_root(params_file), Path(params_file))
+
+
+def fingerprint(path: Path, limit: int = 50_000) -> str:
+    """Names and sizes of the files under `path` (or a file's bytes): cheap, and it changes when the
+    data set is regenerated with other settings."""
+    h = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    elif path.is_dir():
+        for i, p in enumerate(sorted(path.rglob("*"))):
+            if i >= limit:
+                break
+            if p.is_file():
+                h.update(f"{p.relative_to(path)}:{p.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def run_name(s: TrainSettings, init: Path | None) -> str:
+    """Same name <=> same training: re-running after a crash resumes, changed params start fresh."""
+    recipe = {"model": s.model.to_dict(), "stage": dataclasses.asdict(s.stage_params), "seed": s.seed,
+              "frames": s.frames, "strmn": dataclasses.asdict(s.strmn) if s.kind == "strmn" else None,
+              "data": fingerprint(s.data_path()), "init": fingerprint(init) if init else None}
+    for key in ("checkpoint_every", "num_to_keep", "max_failures", "log_every", "log_images_every", "materialize"):
+        recipe["stage"].pop(key)  # bookkeeping: changing it must not throw away a half-done run
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{s.prefix}{s.stage}-{digest}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", choices=STAGES, required=True, help="pretrain (synthetic clips) or main (videos)")
+    parser.add_argument("--model", choices=("stm", "strmn"), default="stm", help="which network to train")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument("--fresh", action="store_true", help="ignore and delete this run's earlier checkpoints")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    from pipeline.train_driver import train
+
+    try:
+        s = settings(args.params, args.stage, args.model)
+        return train(s, fresh=args.fresh, fault=os.environ.get(FAULT_ENV, ""))
+    except (ParamsError, FileNotFoundError, ValueError) as err:
+        print(f"stm train: error: {err}", file=sys.stderr)
+        return 2
+
+
+def atomic_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_storage(storage: str, name: str) -> None:
+    if "://" in storage:
+        import pyarrow.fs
+
+        fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+        fs.delete_dir(f"{base}/{name}")
+    else:
+        shutil.rmtree(Path(storage) / name, ignore_errors=True)

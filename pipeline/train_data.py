@@ -1,0 +1,102 @@
+"""Training batches for the trainer: synthetic Parquet rows and real-video clips -> padded tensors.
+
+The clip makers are stm_core's (`stm_core.data.clips` decodes the rows of `stm synthesize`,
+`stm_core.data.sampler` samples video clips with the skip curriculum); this module turns their
+clips into batches and draws overlays. Pure numpy/torch; the Ray plumbing lives in `train_loop`.
+
+A clip is `frames: N x H x W x 3 uint8` plus `masks: N x H x W uint8` whose ids are 1..K for the
+objects visible in frame 0 (the memory frame) and 0 elsewhere; objects that only appear later are
+background, as in STM's training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+Clip = tuple[np.ndarray, np.ndarray]  # frames N x H x W x 3 uint8, masks N x H x W uint8
+
+
+def relabel(masks: np.ndarray, max_objects: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Keep (up to `max_objects`, a random subset when more) objects of frame 0, renumbered 1..K."""
+    ids = [int(i) for i in np.unique(masks[0]) if i != 0]
+    if len(ids) > max_objects:
+        ids = sorted(rng.choice(ids, size=max_objects, replace=False).tolist()) if rng is not None else ids[:max_objects]
+    lut = np.zeros(256, np.uint8)
+    for new, old in enumerate(ids, start=1):
+        lut[old] = new
+    return lut[masks]
+
+
+def prepare(clip: Clip, crop: int, max_objects: int, rng: np.random.Generator) -> Clip:
+    """A random `crop` x `crop` window (when the clip is larger; one window for all frames, preferring
+    ones where frame 0 shows an object), a random horizontal flip, frame 0's objects renumbered."""
+    frames, masks = clip
+    h, w = masks.shape[1:]
+    if crop > 0 and (h > crop or w > crop):
+        ch, cw = min(crop, h), min(crop, w)
+        for _ in range(5):
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            if masks[0, y:y + ch, x:x + cw].any():
+                break
+        frames, masks = frames[:, y:y + ch, x:x + cw], masks[:, y:y + ch, x:x + cw]
+    if rng.random() < 0.5:
+        frames, masks = frames[:, :, ::-1], masks[:, :, ::-1]
+    return np.ascontiguousarray(frames), relabel(np.ascontiguousarray(masks), max_objects, rng)
+
+
+def collate(clips: Sequence[Clip]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> frames B x N x 3 x H x W float [0, 1], masks B x N x H x W long, valid B x O bool (O >= 1)."""
+    frames = torch.from_numpy(np.stack([c[0] for c in clips])).permute(0, 1, 4, 2, 3).float().div_(255.0)
+    masks = torch.from_numpy(np.stack([c[1] for c in clips]).astype(np.int64))
+    counts = [int(c[1].max()) for c in clips]
+    objects = max(1, *counts) if counts else 1
+    valid = torch.arange(1, objects + 1)[None, :] <= torch.tensor(counts)[:, None]
+    return frames, masks, valid
+
+
+def overlay(frame: np.ndarray, gt: np.ndarray, pred: np.ndarray, palette: Sequence[int], alpha: float = 0.5) -> np.ndarray:
+    """frame H x W x 3 uint8, ids H x W -> [frame + GT | frame + prediction], H x 2W x 3 uint8."""
+    colours = np.asarray(palette, dtype=np.float32).reshape(-1, 3)
+
+    def blend(ids: np.ndarray) -> np.ndarray:
+        out = frame.astype(np.float32)
+        fg = ids > 0
+        out[fg] = (1 - alpha) * out[fg] + alpha * colours[ids[fg]]
+        return out.astype(np.uint8)
+
+    return np.concatenate([blend(gt.astype(np.int64)), blend(pred.astype(np.int64))], axis=1)
+
+
+def clips_per_second(clips: int, seconds: float) -> float:
+    return clips / seconds if seconds > 0 and math.isfinite(seconds) else 0.0
+
+
+def open_videos(data: dict) -> list:
+    """The training videos named by the stage's data settings (DAVIS or YouTube-VOS layout)."""
+    from stm_core.data.video import read_davis, read_youtube_vos
+
+    if data["format"] == "youtube-vos":
+        return read_youtube_vos(data["path"], data["split"])
+    return read_davis(data["path"], data["split"])
+
+
+def synthetic_clips(rows: Sequence[dict], crop: int, max_objects: int, rng: np.random.Generator) -> list[Clip]:
+    """Parquet rows of `stm synthesize` -> prepared clips (cropped when larger than `crop`)."""
+    from stm_core.data.clips import decode_clip_arrays
+
+    return [prepare(decode_clip_arrays(row), crop, max_objects, rng) for row in rows]
+
+
+def video_batches(videos: Sequence, n_frames: int, batch_size: int, crop: int, max_objects: int,
+                  rng: np.random.Generator, skip_at: Callable[[], int]) -> Iterator[list[Clip]]:
+    """Endless batches of video clips; `skip_at()` is the curriculum's current max skip."""
+    from stm_core.data.sampler import VideoClipSampler, VideoSamplerConfig
+
+    sampler = VideoClipSampler(videos, VideoSamplerConfig(n_frames=n_frames, height=crop, width=crop,
+                                                          max_objects=max_objects))
+    while True:
+        yield [(c.frames, c.masks) for c in (sampler.sample(rng, skip_at()) for _ in range(batch_size))]

@@ -75,18 +75,21 @@ def _binary_to_ids(path: Path) -> np.ndarray:
 
 def prepare_saliency(src: Path, out: Path) -> None:
     """Salient-object sets (MSRA10K, ECSSD, HKU-IS, DUTS): pair images and 0/255 masks by file stem.
-    A mask is a file in a folder named like gt/mask/ground_truth, or the .png twin of a .jpg."""
+    A mask is the .png twin of a .jpg in the same folder, or a file whose folder is named like
+    gt / mask / ground_truth (DUTS-TR-Mask, ground_truth_mask)."""
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for p in sorted(src.rglob("*")):
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
             by_stem[p.stem].append(p)
     pairs = []
     for stem, files in sorted(by_stem.items()):
-        masks = [f for f in files if any(MASK_DIR.search(part) for part in f.relative_to(src).parts[:-1])]
+        twins = len(files) == 2 and files[0].parent == files[1].parent and \
+            sorted(f.suffix.lower() for f in files) in ([".jpeg", ".png"], [".jpg", ".png"])
+        if twins:  # MSRA10K: 1.jpg (image) beside 1.png (mask)
+            masks = [f for f in files if f.suffix.lower() == ".png"]
+        else:
+            masks = [f for f in files if MASK_DIR.search(f.parent.name)]
         images = [f for f in files if f not in masks]
-        if not masks and len(images) == 2 and {f.suffix.lower() for f in images} == {".jpg", ".png"}:
-            masks = [f for f in images if f.suffix.lower() == ".png"]
-            images = [f for f in images if f.suffix.lower() != ".png"]
         if len(images) == 1 and len(masks) == 1:
             pairs.append((stem, images[0], masks[0]))
     if not pairs:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pipeline.params import DEFAULT_PARAMS, load_params, section
 from pipeline.tracking import project_root
 from stm_core.data.augment import AffineRange, ColorJitter
+from stm_core.data.io import DataError
 from stm_core.data.synth import SynthConfig, default_clip_affine, default_frame_affine, default_object_affine
 
 log = logging.getLogger("pipeline.synthesize")
@@ -146,7 +147,8 @@ def synthesize_set(name: str, n_frames: int, clips: int, p: SynthesizeParams, ro
     seconds = time.perf_counter() - start
     manifest = {"set": name, "clips": clips, "frames": n_frames, "shards": sorted(f.name for f in tmp.glob("*.parquet")),
                 "seed": p.seed, "sources": [r.name for r in roots], "config": asdict(cfg)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    # "_" prefix: Parquet readers (pyarrow, Ray Data) skip it when given the folder.
+    (tmp / "_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     _replace_dir(tmp, out_dir)
     return {"set": name, "clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "actors": actors}
 
@@ -166,8 +168,6 @@ def resolve(path: str, root: Path) -> Path:
 
 
 def source_roots(p: SynthesizeParams, root: Path) -> list[Path]:
-    from stm_core.data.io import DataError
-
     roots = [resolve(p.raw_root, root) / s for s in p.sources]
     for r in roots:
         if not (r / "images").is_dir() or not (r / "masks").is_dir():
@@ -177,14 +177,15 @@ def source_roots(p: SynthesizeParams, root: Path) -> list[Path]:
 
 
 def run_synthesize(params_file: str | Path, only: list[str] | None = None) -> list[dict]:
-    import ray
-
-    from pipeline.cluster import init_ray
-
     params = load_params(params_file)
     p = section(params, "synthesize", SynthesizeParams)
     root = project_root(params_file)
     roots = source_roots(p, root)
+
+    import ray
+
+    from pipeline.cluster import init_ray
+
     started = not ray.is_initialized()
     ray_p = params.get("ray") or {}
     init_ray(num_cpus=ray_p.get("num_cpus"))

@@ -284,7 +284,8 @@ def test_init_ray_joins_the_cluster_from_ray_address(ray_head, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", ray_head.gcs_address)
     for key, value in RAY_ENV.items():
         monkeypatch.setenv(key, value)
-    assert not ray.is_initialized()
+    if ray.is_initialized():  # init_ray is a no-op on a live session: start from none
+        ray.shutdown()
     try:
         # Local-only settings must be dropped when joining (ray.init would refuse them).
         init_ray(num_cpus=1, object_store_memory=50_000_000)

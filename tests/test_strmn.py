@@ -296,3 +296,12 @@ def test_inference_core_runs_recurrent_memory(strmn):
     for t in range(1, 7):
         probs = core.step(frames[0, t])
         assert probs.shape == (3, 64, 64) and core.groups[0].memory.size == min(t + 1, 3)
+
+
+def test_validate_policy_checks_recurrent_syntax():
+    from stm_core.memory import validate_policy
+
+    assert validate_policy("recurrent:5:C") == "recurrent:5:C"
+    assert validate_policy("recurrent-i2m:4") == "recurrent-i2m:4"
+    with pytest.raises(ValueError, match="memory policy"):
+        validate_policy("recurrent:5:Q")

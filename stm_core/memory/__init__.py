@@ -56,7 +56,10 @@ def validate_policy(policy: str) -> str:
     prefix, *args = policy.strip().split(":")
     if prefix not in _BUILDERS:
         raise ValueError(f"unknown memory policy {policy!r}; known: {sorted(_BUILDERS)}")
-    if prefix.startswith("recurrent"):
+    if prefix.startswith("recurrent"):  # its builder needs the network: check the syntax alone
+        from stm_core.memory.recurrent import parse_policy
+
+        parse_policy(policy)
         return policy
     _BUILDERS[prefix](policy, args, None)
     return policy

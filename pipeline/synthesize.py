@@ -37,7 +37,7 @@ class ClipSetParams:
 
 
 def _default_sets() -> dict[str, ClipSetParams]:
-    return {"stm": ClipSetParams(3, 2000), "strmn": ClipSetParams(5, 1000)}
+    return {"stm": ClipSetParams(3, 1000), "strmn": ClipSetParams(5, 500)}
 
 
 @dataclass

@@ -5,9 +5,14 @@
 #
 # Inside a Ray job RAY_ADDRESS is set, so every stage (`stm ...`, run by `dvc repro`) joins the
 # cluster instead of starting a local Ray. The job's working directory is a copy of the repo
-# *without* git-ignored files (data/, models/, results/ ...): stage outputs are pulled from, and
-# pushed back to, the DVC remote in STM_DVC_REMOTE (s3://, gs://, a shared mount ...), so a
-# second job resumes where the first stopped and nothing re-runs that did not change.
+# *without* git-ignored files (data/, models/, results/ ...), and it is thrown away when the job
+# ends. So stage outputs travel through the DVC remote in STM_DVC_REMOTE (s3://, gs://, a shared
+# mount): the job restores the previous run's dvc.lock and uncached outputs (metrics, plot data:
+# infra/pipeline_state.py keeps them beside the remote), pulls the cached outputs, runs
+# `dvc repro` (only what changed re-runs), pushes the outputs and saves the new state. On your
+# machine, the same restore + `dvc pull` gives you the run's results and the dvc.lock to commit:
+#
+#   python infra/pipeline_state.py restore "$STM_DVC_REMOTE" params-paper && dvc pull
 #
 # Arguments / environment:
 #   $1 or STM_PARAMS   params file to run with (default params.yaml); another file, e.g. the
@@ -27,14 +32,18 @@ fi
 # The working-dir upload keeps .git; an image or archive without it still needs a git repo for DVC.
 [[ -d .git ]] || git init -q
 
+state="$(basename "$params" .yaml)"  # one saved state per params file
 echo "run-pipeline.sh: params=$params RAY_ADDRESS=${RAY_ADDRESS:-<local>} MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-<local sqlite>}" >&2
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ -n "${STM_DVC_REMOTE:-}" ]]; then
   dvc remote add --local --force --default shared "$STM_DVC_REMOTE"
+  python "$here/pipeline_state.py" restore "$STM_DVC_REMOTE" "$state"
   dvc pull --allow-missing
 fi
 # shellcheck disable=SC2086  # targets are word-split on purpose
 dvc repro ${STM_DVC_TARGETS:-}
 if [[ -n "${STM_DVC_REMOTE:-}" ]]; then
   dvc push
+  python "$here/pipeline_state.py" save "$STM_DVC_REMOTE" "$state"
 fi
 dvc metrics show

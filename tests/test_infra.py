@@ -247,10 +247,56 @@ def test_mlflow_k8s_deployment_and_service():
         assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim for v in volumes.values())
 
 
+def load_pipeline_state():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pipeline_state", INFRA / "pipeline_state.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pipeline_state_url_and_missing_state(tmp_path):
+    state = load_pipeline_state()
+    assert state.state_url("s3://bucket/stm/dvc/", "params-paper") == "s3://bucket/stm/dvc/stm-state/params-paper.tar.gz"
+    with pytest.raises(ValueError, match="plain file name"):
+        state.state_url("s3://bucket", "../x")
+    assert state.restore(str(tmp_path / "remote"), "params", root=tmp_path) == []  # first run: nothing saved
+
+
+def test_pipeline_state_restore_refuses_paths_outside_the_repo(tmp_path):
+    import io
+    import tarfile
+
+    state = load_pipeline_state()
+    archive = tmp_path / "remote" / "stm-state" / "evil.tar.gz"
+    archive.parent.mkdir(parents=True)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        data = b"pwned"
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    archive.write_bytes(buffer.getvalue())
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with pytest.raises(RuntimeError, match="evil.tar.gz"):
+        state.restore(str(tmp_path / "remote"), "evil", root=repo)
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_run_pipeline_refuses_a_missing_params_file(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    result = subprocess.run(["bash", str(INFRA / "run-pipeline.sh"), "params-nope.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "params-nope.yaml" in result.stderr
+
+
 def test_infra_readme_documents_every_file():
     text = (INFRA / "README.md").read_text()
     for name in ("cluster-aws.yaml", "cluster-gcp.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
-                 "Dockerfile", "mlflow/start-server.sh", "mlflow/mlflow-k8s.yaml", "run-pipeline.sh"):
+                 "Dockerfile", "mlflow/start-server.sh", "mlflow/mlflow-k8s.yaml", "run-pipeline.sh",
+                 "pipeline_state.py"):
         assert name in text, f"infra/README.md does not mention {name}"
     for command in ("ray up infra/cluster-aws.yaml", "ray job submit", "--working-dir .",
                     "kubectl apply -f infra/kuberay/rayjob.yaml", "MLFLOW_TRACKING_URI"):

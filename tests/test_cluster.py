@@ -5,7 +5,8 @@ meets another Ray on this machine (nor `ray.init()` calls elsewhere: the cluster
 lives in that temp dir). The job runs the real `stm evaluate` stage from an uploaded working dir
 (the project's packages only): its inputs (a tiny built-in benchmark, a random-init checkpoint,
 the params) and outputs live in a directory that stands in for shared storage, its Ray tasks run
-on the cluster, and it logs to an MLflow server started by infra/mlflow/start-server.sh.
+on the cluster, and it logs to an MLflow server started by infra/mlflow/start-server.sh. A second
+job runs `bash infra/run-pipeline.sh` (`dvc repro` against a DVC remote) in a toy DVC repo.
 Teardown stops every process of the cluster and the server by its own process id.
 """
 

@@ -5,6 +5,7 @@ Scores are shown x100 with one decimal, as in the papers; time is seconds per fr
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import re
@@ -53,11 +54,22 @@ def _value(x) -> float | None:
     return None if math.isnan(x) else x
 
 
-def rows_from_runs(children) -> list[Row]:
-    """One Row per child run (variant) of the DataFrame from mlflow.search_runs."""
+def variant_order(parent) -> list[str]:
+    """The evaluation's variant names in params order (logged as the parent's `variant_names`)."""
+    try:
+        names = ast.literal_eval(str(parent.get("params.variant_names", "[]")))
+    except (ValueError, SyntaxError):
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def rows_from_runs(children, order: list[str] | None = None) -> list[Row]:
+    """One Row per child run (variant) of the DataFrame from mlflow.search_runs, in `order`."""
     rows = []
     for _, run in children.iterrows():
-        get = lambda key: run.get(key) if isinstance(run.get(key), str) else ""  # noqa: E731 - NaN for absent
+        def get(key: str, run=run) -> str:  # absent params/tags come back as NaN
+            value = run.get(key)
+            return value if isinstance(value, str) else ""
         name = get("tags.stm_variant") or get("params.variant")
         if not name:
             continue
@@ -65,7 +77,8 @@ def rows_from_runs(children) -> list[Row]:
                         {k: _value(run.get(f"metrics.{k}")) for k in METRICS}))
     if not rows:
         raise ReportError("the evaluation's child runs carry no variant tags (stm_variant)")
-    return rows
+    rank = {name: i for i, name in enumerate(order or [])}
+    return sorted(rows, key=lambda r: (rank.get(r.variant, len(rank)), r.variant))
 
 
 def stm_rows(rows: list[Row]) -> list[Row]:

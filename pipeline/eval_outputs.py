@@ -2,8 +2,9 @@
 
 Metric names are MLflow-safe (no '&'): JF_mean, J_mean, J_recall, J_decay, F_mean, F_recall,
 F_decay (DAVIS scores in [0, 1], the official aggregation: mean over all objects), fps,
-ms_per_frame, peak_memory_mb, memory_entries, memory_mb. The same names are the keys of
-metrics/evaluate.json (`{variant: {metric: value}}`) and the metrics of each MLflow child run.
+ms_per_frame, peak_memory_mb, memory_entries, memory_mb: the metrics of each MLflow child run.
+metrics/evaluate.json holds `{variant: {metric: value}}` for DVC_METRICS (all but ms_per_frame
+and memory_mb, which the report reads from MLflow).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from stm_core.metrics import KEYS, summarize, write_json_atomic
 SCORE_NAMES = {"J&F-Mean": "JF_mean", "J-Mean": "J_mean", "J-Recall": "J_recall", "J-Decay": "J_decay",
                "F-Mean": "F_mean", "F-Recall": "F_recall", "F-Decay": "F_decay"}
 METRICS = (*SCORE_NAMES.values(), "fps", "ms_per_frame", "peak_memory_mb", "memory_entries", "memory_mb")
+# metrics/evaluate.json keeps the issue's list (dvc exp show gets one column per variant x metric)
+DVC_METRICS = (*SCORE_NAMES.values(), "fps", "peak_memory_mb", "memory_entries")
 MB = 2 ** 20
 
 
@@ -63,9 +66,9 @@ def summarize_variant(name: str, results: Sequence[SequenceResult]) -> VariantSu
     return VariantSummary(name, metrics, summary, list(results))
 
 
-def metrics_json(summaries: Sequence[VariantSummary]) -> dict[str, dict[str, float | None]]:
+def metrics_json(summaries: Sequence[VariantSummary], keys: Sequence[str] = METRICS) -> dict[str, dict[str, float | None]]:
     """{variant: {metric: value}}: two levels, so `dvc metrics show` lists `stm-every-5.JF_mean`."""
-    return {s.name: {k: _clean(s.metrics[k]) for k in METRICS} for s in summaries}
+    return {s.name: {k: _clean(s.metrics[k]) for k in keys} for s in summaries}
 
 
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[object]]) -> bytes:
@@ -123,7 +126,7 @@ def write_dvc_outputs(summaries: Sequence[VariantSummary], metrics_path: Path, p
     frames_csv = plots_dir / "evaluate_j_per_frame.csv"
     atomic_write_bytes(variants_csv, variants_table(summaries))
     atomic_write_bytes(frames_csv, j_per_frame_table(summaries))
-    write_json_atomic(metrics_path, metrics_json(summaries))  # last: its presence means the rest is there
+    write_json_atomic(metrics_path, metrics_json(summaries, DVC_METRICS))  # last: its presence means the rest is there
     return [metrics_path, variants_csv, frames_csv]
 
 

@@ -8,6 +8,8 @@ the driver writes. Prediction and scoring use the same decoded masks that the PN
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import os
 import resource
@@ -20,7 +22,7 @@ import torch
 
 from pipeline.variants import COPY_FIRST, Variant
 from stm_core.data.io import DataError, decode_image, decode_index_mask_png, index_mask_png, to_tensor
-from stm_core.inference import InferenceCore, memory_bytes, memory_entries, probabilities_to_mask
+from stm_core.inference import InferenceCore, memory_entries, probabilities_to_mask
 from stm_core.metrics import MetricError, SequenceScores, evaluate_sequence
 from stm_core.model.checkpoint import load_checkpoint
 from stm_core.model.network import STMNetwork
@@ -50,7 +52,7 @@ class SequenceResult:
     seconds: float  # segmentation time of all frames (decoding and scoring excluded)
     peak_memory_bytes: int  # CUDA max allocated, or the process's peak RSS growth during the video
     memory_entries: int  # frames or slots held at the end (largest object group)
-    memory_bytes: int  # bytes of the memory's tensors at the end
+    memory_bytes: int  # bytes of the keys and values the memory read attends to at the end
 
 
 def sha256(data: bytes) -> str:
@@ -75,10 +77,23 @@ def cached_network(digest: str, fetch, top_k: int | None, device: str) -> STMNet
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             overrides = {} if top_k is None else {"top_k": top_k or None}
-            _NETWORKS[key] = load_checkpoint(tmp, map_location=device, **overrides).to(device)
+            network = load_checkpoint(tmp, map_location=device, **overrides).to(device)
         finally:
             os.unlink(tmp)
+        _warm_up(network, torch.device(device))
+        _NETWORKS[key] = network
     return _NETWORKS[key]
+
+
+def _warm_up(network: STMNetwork, device: torch.device) -> None:
+    """A few tiny frames through every part (the Fusion Cell too), so one-time lazy initialisation
+    (kernels, thread pools, library pages) is not counted in the first sequence's time and memory."""
+    policy = "recurrent:3:C" if getattr(network, "fusion", None) is not None else "first+previous"
+    core = InferenceCore(network, policy, device=device)
+    mask = torch.zeros(64, 64, dtype=torch.long)
+    mask[16:48, 16:48] = 1
+    for t in range(4):  # K = 3 slots fill at frame 2; frame 3 runs the Fusion Cell
+        core.step(torch.rand(3, 64, 64), mask if t == 0 else None)
 
 
 # ----------------------------------------------------------------------------- memory probes
@@ -109,8 +124,18 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since process start
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so RSS growth measures this task, not the last."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
-    """Peak memory of the work between start() and stop(): CUDA max allocated, else RSS growth."""
+    """Peak memory of the work between start() and stop(): CUDA max allocated, else the process's
+    RSS growth (approximate on CPU: allocator caching and fragmentation count too)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -120,6 +145,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
+            _release_free_heap()
             _reset_peak_rss()
             self.base = _rss_bytes()
 
@@ -194,7 +220,18 @@ def _segment(network: STMNetwork, variant: Variant, payload: SequencePayload, gi
         if t in given:  # the annotation is exact where it speaks (as stm_core.inference.segment_video)
             pred = np.where(given[t] > 0, given[t], pred).astype(np.uint8)
         out.append(pred)
-    return out, seconds, probe.stop(), memory_entries(core), memory_bytes(core)
+    return out, seconds, probe.stop(), memory_entries(core), read_bytes(core)
+
+
+def read_bytes(core: InferenceCore) -> int:
+    """Bytes of the keys and values the next read would attend to, all object groups: the memory's
+    size as the papers count it (frames x locations for STM, K slots for STRMN), not buffer capacity."""
+    total = 0
+    for group in core.groups:
+        if group.memory.size:
+            for t in group.memory.keys_values():
+                total += t.numel() * t.element_size()
+    return total
 
 
 def score(payload: SequencePayload, gt: dict[int, np.ndarray], preds: list[np.ndarray]) -> SequenceScores:

@@ -258,7 +258,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
                 "sequences": [v.name for v in videos], "variants": [asdict(v) for v in variants]}
         write_json_atomic(results_dir / "evaluation.json", info)
         status = "FINISHED"
-        return {"parent_run_id": parent_id, "metrics": outputs.metrics_json(summaries)}
+        return {"parent_run_id": parent_id, "metrics": outputs.metrics_json(summaries)}  # all METRICS
     finally:
         writer.close()
         tracking.finish_run(uri, parent_id, status)

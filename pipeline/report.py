@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.ablation import ReportError, render_chart, render_markdown, rows_from_runs
+from pipeline.ablation import ReportError, render_chart, render_markdown, rows_from_runs, variant_order
 from pipeline.params import ParamsError, load_params, section
 
 
@@ -72,7 +72,7 @@ def report(params_path: str | Path, run_id: str | None, evaluation_file: Path, o
     mlflow.set_tracking_uri(uri)
     parent_id = find_parent(mlflow_p.experiment, run_id, evaluation_file)
     parent, children, recent = load_runs(mlflow_p.experiment, parent_id, history)
-    rows = rows_from_runs(children)
+    rows = rows_from_runs(children, variant_order(parent))
     render_markdown(out, parent, rows, recent, chart)
     render_chart(chart, rows, title=f"{parent.get('params.evaluate.dataset', '')} ({parent.get('params.evaluate.split', '')})")
     log_to_parent(uri, parent_id, [out, chart])

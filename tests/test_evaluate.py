@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.eval_outputs import METRICS, j_per_frame_table, metrics_json, summarize_variant, variants_table
+from pipeline.eval_outputs import (
+    DVC_METRICS,
+    METRICS,
+    j_per_frame_table,
+    metrics_json,
+    summarize_variant,
+    variants_table,
+)
 from pipeline.eval_worker import SequenceResult, copy_first, given_masks
 from pipeline.params import ParamsError, section
 from pipeline.variants import MemoryParams, parse_variants
@@ -115,6 +122,9 @@ def test_metrics_json_is_two_level_and_matches_the_metric():
     s = summarize_variant("stm-every-5", [_result("stm-every-5", "a", gt, pred, 0.5)])
     data = metrics_json([s])
     assert list(data) == ["stm-every-5"] and list(data["stm-every-5"]) == list(METRICS)
+    assert list(metrics_json([s], DVC_METRICS)["stm-every-5"]) == [
+        "JF_mean", "J_mean", "J_recall", "J_decay", "F_mean", "F_recall", "F_decay", "fps", "peak_memory_mb",
+        "memory_entries"]
     m = data["stm-every-5"]
     assert all(isinstance(v, float) for v in m.values())
     assert m["JF_mean"] == pytest.approx(s.summary["J&F-Mean"], abs=1e-6)
@@ -127,6 +137,40 @@ def test_metrics_json_is_two_level_and_matches_the_metric():
     frames = list(csv.DictReader(io.StringIO(j_per_frame_table([s]).decode())))
     assert [int(r["frame"]) for r in frames] == [1, 2, 3]  # first and last frames are not scored
     assert float(frames[1]["stm-every-5"]) < 1.0 == float(frames[0]["stm-every-5"])
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from pipeline.cli import main
+
+    make_tiny_davis(tmp_path / "bench")
+    params = {"evaluate": {"variants": ["copy-first", "stm:every"], "dataset": str(tmp_path / "bench"),
+                           "stm_model": str(tmp_path / "nope" / "model.pt")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["evaluate", "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope' / 'model.pt'}: checkpoint not found" in err and "stm-every-5" in err
+
+
+def test_youtube_vos_layout_with_an_object_entering_mid_video(tmp_path):
+    """A YouTube-VOS folder (meta.json says where objects start) through one copy-first task."""
+    from pipeline.eval_worker import run_sequence
+    from pipeline.evaluate import EvaluateParams, load_sequences, payload
+
+    davis = tmp_path / "davis"
+    make_tiny_davis(davis)
+    base = tmp_path / "ytvos" / "train"
+    for kind in ("JPEGImages", "Annotations"):
+        (base / kind).mkdir(parents=True)
+        (davis / kind / "480p" / "seq-b").rename(base / kind / "vid1")
+    stems = [f"{t:05d}" for t in range(6)]
+    meta = {"videos": {"vid1": {"objects": {"1": {"frames": stems}, "2": {"frames": stems[2:]}}}}}
+    (base / "meta.json").write_text(json.dumps(meta))
+    [seq] = load_sequences(EvaluateParams(dataset=str(tmp_path / "ytvos"), split="train"))
+    assert seq.name == "vid1" and seq.object_frames == {1: 0, 2: 2}
+    [copy] = parse_variants(["copy-first"], MemoryParams())
+    result = run_sequence(copy, None, payload(seq))
+    assert result.scores.object_ids == [1, 2] and len(result.masks) == 6
+    assert result.memory_entries == 0 and 0 < result.scores.J.mean() < 1
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -1,7 +1,7 @@
 """Fetch the datasets named in params (`download.sources`) into data/raw/<source>/.
 
 Three kinds of source: `builtin` (generated offline from scikit-image's sample images, seeded),
-remote ones from the registry below (official URLs, checked against published checksums where
+remote ones from `pipeline.registry` (`stm download --list`; official URLs, checked against published checksums where
 there are any), and `local` ones (a folder, an archive or a file:// URL, given in
 `download.overrides.<name>.path`; datasets behind a login, such as YouTube-VOS, come this way).
 Each source is built in a temp folder next to its target and renamed into place with a
@@ -82,8 +82,9 @@ def build_into(target: Path, marker: dict, build) -> bool:
     if is_complete(target, marker):
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         build(tmp)

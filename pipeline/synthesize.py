@@ -133,8 +133,9 @@ def synthesize_set(name: str, n_frames: int, clips: int, p: SynthesizeParams, ro
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shard k holds clips of block k, written as task k
     cfg = p.synth_config(n_frames)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
     ds = ray.data.range(clips, override_num_blocks=shards)
     ds = ds.map_batches(

@@ -1,9 +1,10 @@
 """Fetch the datasets named in params (`download.sources`) into data/raw/<source>/.
 
 Three kinds of source: `builtin` (generated offline from scikit-image's sample images, seeded),
-remote ones from `pipeline.registry` (`stm download --list`; official URLs, checked against published checksums where
-there are any), and `local` ones (a folder, an archive or a file:// URL, given in
-`download.overrides.<name>.path`; datasets behind a login, such as YouTube-VOS, come this way).
+remote ones from `pipeline.registry` (`stm download --list`: official URLs, checked against
+published checksums where there are any), and `local` ones (a folder, an archive or a file://
+URL, given in `download.overrides.<name>.path`; datasets behind a login, such as YouTube-VOS,
+come this way).
 Each source is built in a temp folder next to its target and renamed into place with a
 `.complete` marker only when whole, so a failed or corrupt download never looks finished; an
 up-to-date source is skipped.

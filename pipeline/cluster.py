@@ -33,6 +33,21 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     return ray.init(**options)
 
 
+def on_driver_node() -> dict:
+    """Ray remote options that keep a task or actor on this driver's node.
+
+    On a multi-node cluster the stage's local files (the job's working directory on the head:
+    `data/raw/...`, Parquet shards a stage writes) exist on the driver's node only. Tasks that
+    open such paths pass `**on_driver_node()` to `.options(...)` / `ray_remote_args`; on one
+    machine it changes nothing. Needs Ray initialised.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
+
+
 def shutdown_ray() -> None:
     import ray
 

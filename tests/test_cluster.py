@@ -375,7 +375,7 @@ def test_ray_job_submit_runs_dvc_repro_with_outputs_in_shared_storage(ray_head, 
 
 
 def test_init_ray_joins_the_cluster_from_ray_address(ray_head, monkeypatch):
-    from pipeline.cluster import init_ray, shutdown_ray
+    from pipeline.cluster import init_ray, on_driver_node, shutdown_ray
 
     monkeypatch.setenv("RAY_ADDRESS", ray_head.gcs_address)
     for key, value in RAY_ENV.items():
@@ -395,6 +395,8 @@ def test_init_ray_joins_the_cluster_from_ray_address(ray_head, monkeypatch):
 
         node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert ray.get(where.remote()) in node_ids
+        driver_node = ray.get_runtime_context().get_node_id()
+        assert ray.get(where.options(**on_driver_node()).remote()) == driver_node
         assert init_ray() is not None  # a second call is a no-op, not a second connection
     finally:
         shutdown_ray()

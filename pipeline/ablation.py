@@ -199,7 +199,7 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def render_markdown(out: Path, parent, rows: list[Row], recent, chart: Path) -> None:
+def render_markdown(out: Path, parent, rows: list[Row], recent, chart: Path, experiment: str = "") -> None:
     p = lambda key: parent.get(f"params.{key}", "")  # noqa: E731
     rid = str(parent["run_id"])
     commit = parent.get("tags.git_commit", "")
@@ -207,7 +207,7 @@ def render_markdown(out: Path, parent, rows: list[Row], recent, chart: Path) -> 
         "# Memory ablation",
         "",
         f"Benchmark `{p('evaluate.dataset')}` split `{p('evaluate.split')}`, {p('n_sequences')} sequences, "
-        f"device `{p('evaluate.device')}`; MLflow parent run `{rid}` (experiment `{parent.get('experiment_id', '')}`), "
+        f"device `{p('evaluate.device')}`; MLflow parent run `{rid}` (experiment `{experiment or parent.get('experiment_id', '')}`), "
         f"git `{str(commit)[:10]}`, written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC.",
         "",
         "Scores are the DAVIS-2017 semi-supervised measures (x100; first and last frames not scored; "
@@ -264,7 +264,8 @@ def render_chart(path: Path, rows: list[Row], title: str = "") -> None:
                 ax.barh([y + (k - 1) * height for y in ys], [100 * (r.metrics[key] or 0) for r in table],
                         height=height, label=name)
             ax.legend(loc="lower right", fontsize=8)
-            ax.set_title("STRMN update rules (Table 4)")
+            sizes = sorted({r.size for r in table if r.model == "strmn" and r.size})
+            ax.set_title("STRMN update rules (Table 4)" + (f", K = {', '.join(map(str, sizes))}" if sizes else ""))
         ax.set_yticks(list(ys), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 115)

@@ -73,7 +73,7 @@ def report(params_path: str | Path, run_id: str | None, evaluation_file: Path, o
     parent_id = find_parent(mlflow_p.experiment, run_id, evaluation_file)
     parent, children, recent = load_runs(mlflow_p.experiment, parent_id, history)
     rows = rows_from_runs(children, variant_order(parent))
-    render_markdown(out, parent, rows, recent, chart)
+    render_markdown(out, parent, rows, recent, chart, mlflow_p.experiment)
     render_chart(chart, rows, title=f"{parent.get('params.evaluate.dataset', '')} ({parent.get('params.evaluate.split', '')})")
     log_to_parent(uri, parent_id, [out, chart])
     return parent_id, out, chart

@@ -82,6 +82,25 @@ def test_memory_params_unknown_key_and_bad_rule(tmp_path):
     assert section({"memory": {"slots": 5}}, "memory", MemoryParams).slots == 5
 
 
+def test_repo_params_evaluate_and_memory_sections_parse():
+    """The repo's params.yaml (the lead's) must hold sections these stages accept."""
+    from pipeline import tracking
+    from pipeline.evaluate import EvaluateParams
+    from pipeline.params import load_params
+
+    path = Path(__file__).resolve().parents[1] / "params.yaml"
+    if not path.is_file():
+        pytest.skip("no params.yaml in the repo yet")
+    params = load_params(path)
+    section(params, "evaluate", EvaluateParams)
+    section(params, "mlflow", tracking.MlflowParams)
+    memory = section(params, "memory", MemoryParams)
+    specs = section(params, "evaluate", EvaluateParams).variants
+    if not HAS_STRMN:
+        specs = [s for s in specs if not str(s).startswith(("strmn", "recurrent"))]
+    assert parse_variants(specs, memory)
+
+
 # ----------------------------------------------------------------------------- copy-first and inputs
 
 def test_given_masks_keep_only_the_objects_each_frame_introduces():

@@ -242,7 +242,9 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
     writer = outputs.ResultsWriter(results_dir)
     status = "FAILED"
     try:
-        init_ray()
+        ray_p = params.get("ray") or {}  # the local instance's size (section owned by train); results do not depend on it
+        store_mb = ray_p.get("object_store_mb")
+        init_ray(num_cpus=ray_p.get("num_cpus"), object_store_memory=store_mb * 2**20 if store_mb else None)
         first = videos[0].name
         by_variant = run_tasks(variants, videos, models, p, memory, writer, keep_masks={first})
         summaries = [outputs.summarize_variant(v.name, [by_variant[v.name][s.name] for s in videos]) for v in variants]

@@ -96,7 +96,31 @@ def test_launcher_config_runs_the_project_image_with_tracking(cloud):
 # ---------------------------------------------------------------- KubeRay
 
 
+# Field names of the ray.io/v1 types (KubeRay's rayjob_types.go / raycluster_types.go): a typo in a
+# manifest is silently dropped by the API server, so unknown keys are errors here.
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
+    "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
+    "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule"}
+RAYCLUSTER_SPEC_FIELDS = {
+    "rayVersion", "authOptions", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+    "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions"}
+HEAD_GROUP_FIELDS = {"rayStartParams", "template", "serviceType", "headService", "enableIngress", "resources",
+                     "labels"}
+WORKER_GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
+                       "numOfHosts", "scaleStrategy", "idleTimeoutSeconds", "suspend", "resources", "labels"}
+
+
+def unknown(keys, known: set[str]) -> list[str]:
+    return sorted(set(keys) - known)
+
+
 def check_ray_cluster_spec(spec: dict, where: str) -> None:
+    assert not unknown(spec, RAYCLUSTER_SPEC_FIELDS), f"{where}: unknown RayClusterSpec keys {unknown(spec, RAYCLUSTER_SPEC_FIELDS)}"
+    assert not unknown(spec["headGroupSpec"], HEAD_GROUP_FIELDS), where
+    for group in spec["workerGroupSpecs"]:
+        assert not unknown(group, WORKER_GROUP_FIELDS), f"{where}: {unknown(group, WORKER_GROUP_FIELDS)}"
     head = spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict), f"{where}: headGroupSpec.rayStartParams"
     assert head["rayStartParams"].get("dashboard-host") == "0.0.0.0"
@@ -134,6 +158,7 @@ def test_rayjob_manifest_runs_dvc_repro_and_cleans_up():
     assert doc["apiVersion"] == "ray.io/v1"
     assert doc["kind"] == "RayJob"
     spec = doc["spec"]
+    assert not unknown(spec, RAYJOB_SPEC_FIELDS), f"{path}: unknown RayJobSpec keys {unknown(spec, RAYJOB_SPEC_FIELDS)}"
     assert spec["shutdownAfterJobFinishes"] is True
     entrypoint = spec["entrypoint"]
     assert "infra/run-pipeline.sh" in entrypoint  # which runs `dvc repro`

@@ -192,6 +192,29 @@ def test_youtube_vos_layout_with_an_object_entering_mid_video(tmp_path):
     assert result.memory_entries == 0 and 0 < result.scores.J.mean() < 1
 
 
+def test_report_tables_follow_the_papers_layout():
+    from pipeline.ablation import Row, stm_table, strmn_table
+
+    def row(name, model, policy, jf):
+        family = policy.split(":")[0]
+        rule = policy.split(":")[2] if family == "recurrent" else ""
+        metrics = dict.fromkeys(METRICS, 0.5)
+        metrics.update(JF_mean=jf, J_mean=jf - 0.01, F_mean=jf + 0.01, ms_per_frame=120.0, memory_entries=3.0)
+        return Row(name, model, policy, family, rule, metrics)
+
+    rows = [row("strmn-recurrent-5-C", "strmn", "recurrent:5:C", 0.7), row("stm-every-5", "stm", "every:5", 0.8),
+            row("copy-first", "none", "copy-first", 0.3), row("stm-first", "stm", "first", 0.6),
+            row("strmn-recurrent-5-A", "strmn", "recurrent:5:A", 0.65), row("stm-fifo-8", "stm", "fifo:8", 0.75)]
+    stm = [line.split(" | ") for line in stm_table(rows)[2:]]
+    assert [c[0].strip("| ") for c in stm] == ["Copy first mask (no model)", "First", "Every 5 frames",
+                                               "First + latest 7 (FIFO 8)"]
+    assert stm[2][1:5] == ["80.0", "79.0", "81.0", "0.120"] and stm[2][-1].startswith("79.2 / 0.16")
+    strmn = [line.split(" | ") for line in strmn_table(rows)[2:]]
+    assert [c[0].strip("| ") for c in strmn] == ["Copy first mask (no model)", "Oldest vs remaining (A)",
+                                                 "Least similarity pair (C)"]
+    assert strmn[2][1:5] == ["69.0", "71.0", "70.0", "5"] and strmn[2][-1].startswith("76.1 / 81.0 / 78.5")
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def _square(size: int, x: int, y: int, side: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params, section
-from pipeline.tracking import MlflowParams, project_root, tracking_uri
+from pipeline.tracking import MlflowParams, project_root
 from stm_core.model.network import ModelConfig
 
 log = logging.getLogger("pipeline.train")

@@ -71,7 +71,8 @@ def loop_config(s: TrainSettings, world: int, init_payload, data_path: Path) -> 
     per_worker = max(1, sp.batch_size // world)
     data = {"kind": "parquet" if sp.data_format == "parquet" else "videos", "path": str(data_path),
             "format": sp.data_format, "split": sp.split, "shuffle_buffer": sp.shuffle_buffer}
-    threads = max(1, int(s.ray.cpus_per_worker)) if s.ray.num_workers > 0 else torch.get_num_threads()
+    # One torch thread per reserved CPU: more threads than cores makes OpenMP spin and crawl.
+    threads = max(1, int(s.ray.cpus_per_worker))
     return {"stage": s.stage, "model": s.model.to_dict(), "init": init_payload, "train": dataclasses.asdict(sp),
             "strmn": dataclasses.asdict(s.strmn), "seed": s.seed, "frames": s.frames, "per_worker_batch": per_worker,
             "data": data, "threads": threads, "mlflow": {"uri": "", "run_id": ""}, "fault": None}
@@ -160,7 +161,13 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
                                  failure_config=FailureConfig(max_failures=sp.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=sp.num_to_keep)))
         t0 = time.perf_counter()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            log.error("[train] %s %s failed (max_failures=%d reached): %s\n[train] run the same command again "
+                      "to resume from the last checkpoint in %s/%s", s.kind, s.stage, sp.max_failures,
+                      str(err).splitlines()[0] if str(err) else type(err).__name__, storage, name)
+            return 1
         if result.checkpoint is None:
             raise RuntimeError(f"training run {name} ended without a checkpoint (error: {result.error})")
         metrics = export(result.checkpoint, s)

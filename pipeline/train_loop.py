@@ -24,7 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.train_data import clips_per_second, collate, open_videos, overlay, synthetic_clips, video_batches
+from pipeline.train_data import (
+    clips_per_second,
+    collate,
+    open_videos,
+    overlay,
+    synthetic_clips,
+    video_batches,
+)
 from stm_core.data.sampler import max_skip_schedule
 from stm_core.model.network import ModelConfig, STMNetwork
 from stm_core.training import UnrollOutput, unroll_stm
@@ -180,7 +187,7 @@ def train_loop(config: dict) -> None:
     skip = [max_skip_schedule(start, total, 0, tp["max_skip"], tp["skip_ramp"])]
     batches = data_batches(config, rank, world, rng, skip)
     loss_sum = torch.zeros((), device=device)
-    count, interval_start, last = 0, time.perf_counter(), None
+    count, interval_start = 0, time.perf_counter()
     fault = config.get("fault") or {}
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     model.train()

@@ -215,6 +215,33 @@ def test_report_tables_follow_the_papers_layout():
     assert strmn[2][1:5] == ["69.0", "71.0", "70.0", "5"] and strmn[2][-1].startswith("76.1 / 81.0 / 78.5")
 
 
+@pytest.mark.slow
+def test_task_predictions_equal_segment_video(tmp_path):
+    """The task's own loop (it needs the InferenceCore for memory entries) = stm_core's segment_video."""
+    import torch
+
+    from pipeline.eval_worker import decode_annotations, run_sequence
+    from pipeline.evaluate import payload
+    from stm_core.data.io import decode_index_mask_png
+    from stm_core.data.video import read_davis
+    from stm_core.inference import segment_video
+    from stm_core.model.network import ModelConfig, STMNetwork
+
+    make_tiny_davis(tmp_path)
+    seq = read_davis(tmp_path, "val")[1]  # the second object enters at frame 2
+    torch.manual_seed(0)
+    net = STMNetwork(ModelConfig(decoder_dim=32)).eval()
+    [v] = parse_variants(["stm:every:2"], MemoryParams())
+    result = run_sequence(v, net, payload(seq))
+    gt = decode_annotations(payload(seq), (64, 64))
+    given = {t: torch.from_numpy(m).long() for t, m in given_masks(gt, None).items()}
+    frames = (seq.load_frame(t) for t in range(len(seq)))
+    expected = [m.numpy() for m in segment_video(net, frames, given, "every:2")]
+    assert sorted(given) == [0, 2] and result.memory_entries >= 2
+    for t, (png, want) in enumerate(zip(result.masks, expected)):
+        assert (decode_index_mask_png(png) == want).all(), t
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def _square(size: int, x: int, y: int, side: int) -> np.ndarray:

@@ -186,7 +186,7 @@ def variant_params(v: Variant, p: EvaluateParams, memory: MemoryParams, models, 
 
 
 def log_children(uri: str, experiment: str, parent_id: str, tags: dict, summaries, variants, p, memory,
-                 models, overlay_frames: dict[str, bytes], first_seq: str) -> dict[str, str]:
+                 models, overlay_frames: list[bytes], first_seq: str) -> dict[str, str]:
     from mlflow.entities import Metric
 
     client = tracking.client(uri)

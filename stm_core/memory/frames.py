@@ -104,4 +104,6 @@ class FrameMemory(Memory):
 
     @property
     def nbytes(self) -> int:
-        return sum(b.data.numel() * b.data.element_size() for b in (self.keys, self.values) if b.data is not None)
+        """Bytes of the entries held now (the buffers' spare capacity is not counted)."""
+        return sum(b.data[:, : self.size].numel() * b.data.element_size()
+                   for b in (self.keys, self.values) if b.data is not None)

@@ -148,6 +148,7 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
             config["fault"] = {"step": int(step), "marker": marker}
         datasets = {}
         if config["data"]["kind"] == "parquet":
+            ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars in DVC logs
             ds = ray.data.read_parquet(str(data_path), file_extensions=["parquet"])
             # Ray Data needs CPUs of its own; on a 2-CPU machine the training workers take them all
             # and a streaming read never gets scheduled. Reading everything first avoids that.

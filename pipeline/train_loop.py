@@ -193,9 +193,7 @@ def train_loop(config: dict) -> None:
     model.train()
     for step in range(start, total):
         if fault and step == fault["step"] and rank == world - 1 and not os.path.exists(fault["marker"]):
-            Path(fault["marker"]).write_text(f"{os.getpid()} {step}\n")
-            print(f"[train] fault injection: worker rank {rank} (pid {os.getpid()}) exits at step {step}", flush=True)
-            os._exit(1)
+            inject_fault(fault["marker"], rank, step)
         skip[0] = max_skip_schedule(step, total, 0, tp["max_skip"], tp["skip_ramp"])
         frames, masks, valid = (t.to(device, non_blocking=True) for t in collate(next(batches)))
         lr = lr_at(step, tp)
@@ -247,6 +245,24 @@ def train_loop(config: dict) -> None:
             report_checkpoint(metrics, network, optimizer, scaler, total, rngs, totals, config, world)
         else:
             ray.train.report(metrics)
+
+
+def inject_fault(marker: str, rank: int, step: int) -> None:
+    """Tests of fault tolerance: this worker process dies (once: the marker file remembers).
+
+    It first waits until Ray Train has registered the reports already made: a crash within a
+    moment of a report can otherwise lose that report's checkpoint (Ray processes reports
+    asynchronously), and the run would resume from an earlier one.
+    """
+    import ray.train
+
+    try:
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
+    except Exception as err:  # noqa: BLE001 - alpha API; the crash must happen regardless
+        print(f"[train] fault injection: could not wait for reported checkpoints: {err}", flush=True)
+    Path(marker).write_text(f"{os.getpid()} {step}\n")
+    print(f"[train] fault injection: worker rank {rank} (pid {os.getpid()}) exits at step {step}", flush=True)
+    os._exit(1)
 
 
 def report_checkpoint(metrics: dict, network, optimizer, scaler, step: int, rngs: list, totals: dict, config: dict,

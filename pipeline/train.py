@@ -75,6 +75,8 @@ class StrmnParams:
     segment_length: int = 4  # TBPTT segment length T in frames (the paper: 10)
     pretrain_frames: int = 5  # frames per synthetic pretraining clip (the paper: 5)
     main_frames: int = 8  # frames per video clip in main training (the paper: 50)
+    update: Literal["clip", "segment"] = "clip"  # one Adam step per clip batch, or per TBPTT segment (the paper)
+    batch_size: int | None = None  # global batch of the STRMN stages (null: the stage's batch_size)
 
 
 @dataclass
@@ -122,6 +124,12 @@ class TrainSettings:
         if self.kind == "strmn":
             return self.strmn.pretrain_frames if self.stage == "pretrain" else self.strmn.main_frames
         return self.stage_params.frames
+
+    @property
+    def batch_size(self) -> int:
+        if self.kind == "strmn" and self.strmn.batch_size:
+            return self.strmn.batch_size
+        return self.stage_params.batch_size
 
     def data_path(self) -> Path:
         return resolve(self.root, self.stage_params.data.replace("{model}", self.kind))

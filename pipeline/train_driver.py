@@ -68,7 +68,7 @@ def mlflow_run(s: TrainSettings, uri: str, storage: str, name: str, params: dict
 # ----------------------------------------------------------------- config for the workers
 def loop_config(s: TrainSettings, world: int, init_payload, data_path: Path) -> dict:
     sp = s.stage_params
-    per_worker = max(1, sp.batch_size // world)
+    per_worker = max(1, s.batch_size // world)
     data = {"kind": "parquet" if sp.data_format == "parquet" else "videos", "path": str(data_path),
             "format": sp.data_format, "split": sp.split, "shuffle_buffer": sp.shuffle_buffer}
     # One torch thread per reserved CPU: more threads than cores makes OpenMP spin and crawl.
@@ -126,10 +126,10 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
              storage, run_id, "re-attached" if reattached else "new", uri)
 
     world = max(1, rp.num_workers)
-    per_worker = max(1, sp.batch_size // world)
-    if per_worker * world != sp.batch_size:
+    per_worker = max(1, s.batch_size // world)
+    if per_worker * world != s.batch_size:
         log.warning("[train] global batch %d does not split over %d workers: using %d = %d x %d",
-                    sp.batch_size, world, per_worker * world, world, per_worker)
+                    s.batch_size, world, per_worker * world, world, per_worker)
     log.info("[train] global batch %d = %d workers x %d clips per worker", per_worker * world, world, per_worker)
 
     started_ray = not ray.is_initialized()

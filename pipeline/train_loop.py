@@ -135,6 +135,59 @@ def data_batches(config: dict, rank: int, world: int, rng: np.random.Generator, 
         epoch += 1
 
 
+def allreduce_gradients(network: nn.Module, world: int) -> None:
+    """Average gradients over ranks by hand (one flat all-reduce): for updates made outside DDP's
+    forward, whose own gradient hooks only fire after a forward through the DDP wrapper."""
+    params = [p for p in network.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def make_train_step(model: nn.Module, network: STMNetwork, optimizer, scaler, autocast, tp: dict, strmn: dict,
+                    world: int):
+    """-> step(frames, masks, valid) -> UnrollOutput: forward, backward and optimizer update(s).
+
+    STM, and STRMN with strmn.update = clip: one update per clip batch through the DDP wrapper
+    (STRMN's TBPTT segments are cut, their losses summed). STRMN with update = segment: an update
+    after every TBPTT segment (the paper's fine-tuning), gradients averaged by hand.
+    """
+    per_segment = network.config.kind == "strmn" and strmn.get("update", "clip") == "segment"
+
+    def update(loss: torch.Tensor) -> None:
+        with torch.autocast(loss.device.type, enabled=False):  # backward outside autocast
+            scaler.scale(loss).backward()
+            if per_segment and world > 1 and dist.is_initialized():
+                allreduce_gradients(network, world)
+            if tp["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(network.parameters(), tp["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(frames: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> UnrollOutput:
+        if per_segment:
+            from stm_core.training import unroll_strmn
+
+            with autocast:
+                return unroll_strmn(network, frames, masks, valid, rule=strmn["rule"], slots=strmn["slots"],
+                                    segment_length=strmn["segment_length"], loss=tp["loss"],
+                                    top_p=tp["bootstrap_top_p"], optimizer_step=update)
+        with autocast:
+            out = model(frames, masks, valid)
+        update(out.loss)
+        return out
+
+    return step
+
+
 def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -190,6 +243,7 @@ def train_loop(config: dict) -> None:
     count, interval_start = 0, time.perf_counter()
     fault = config.get("fault") or {}
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    train_step = make_train_step(model, network, optimizer, scaler, autocast, tp, config["strmn"], world)
     model.train()
     for step in range(start, total):
         if fault and step == fault["step"] and rank == world - 1 and not os.path.exists(fault["marker"]):
@@ -199,15 +253,7 @@ def train_loop(config: dict) -> None:
         lr = lr_at(step, tp)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast:
-            out = model(frames, masks, valid)
-        scaler.scale(out.loss).backward()
-        if tp["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(network.parameters(), tp["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        out = train_step(frames, masks, valid)
         loss_sum += out.loss.detach()
         count += 1
         done = step + 1

@@ -293,3 +293,28 @@ def test_rerun_after_failed_driver_resumes(project, ray_2cpu, monkeypatch):
     assert run.info.run_id == failed.info.run_id and run.info.status == "FINISHED"
     metrics = json.loads((project / "metrics/train-main.json").read_text())
     assert metrics["steps"] == 6 and metrics["resumed_from"] == 2
+
+
+@pytest.mark.parametrize("update, steps", [("clip", 1), ("segment", 2)])
+def test_strmn_update_per_clip_or_per_segment(one_thread, update, steps):
+    """strmn.update: one Adam step per clip batch, or one per TBPTT segment (6 frames, T = 3: 2)."""
+    from contextlib import nullcontext
+
+    from pipeline.train_loop import make_train_step
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    frames, masks, valid = collate([moving_square_clip(rng, n=6) for _ in range(2)])
+    net = STMNetwork(ModelConfig(**{**TINY_MODEL, "kind": "strmn", "norm": "group"}))
+    strmn = {"rule": "C", "slots": 3, "segment_length": 3, "update": update}
+    tp = {"loss": "ce", "bootstrap_top_p": 0.15, "grad_clip": 1.0}
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    calls = []
+    original = optimizer.step
+    optimizer.step = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = [p.detach().clone() for p in net.fusion.h.parameters()]  # the update gate z's CNN
+    step = make_train_step(Unroll(net, tp, strmn), net, optimizer, scaler, nullcontext(), tp, strmn, world=1)
+    out = step(frames, masks, valid)
+    assert len(calls) == steps and torch.isfinite(out.loss) and out.logits.shape[:2] == (2, 5)
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.fusion.h.parameters()))

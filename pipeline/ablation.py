@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.eval_outputs import METRICS
+from stm_core.data.io import atomic_write_bytes
 
 
 class ReportError(RuntimeError):
@@ -188,15 +189,7 @@ def history_table(recent, current_id: str, order: list[str]) -> list[str]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode())
 
 
 def render_markdown(out: Path, parent, rows: list[Row], recent, chart: Path, experiment: str = "") -> None:

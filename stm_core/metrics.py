@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stm_core.data.io import atomic_write_bytes
 from stm_core.measures import BOUND_TH, frame_scores, statistics
 
 VOID = 255
@@ -298,17 +298,7 @@ def format_table(summary: dict) -> str:
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
     """Write JSON through a temporary file in the same folder, then rename: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,8 +18,7 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -104,7 +103,6 @@ class TrainSettings:
     seed: int
     root: Path
     params_file: Path
-    extra: dict = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -218,16 +216,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from stm_core.data.io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def remove_storage(storage: str, name: str) -> None:
@@ -235,6 +226,9 @@ def remove_storage(storage: str, name: str) -> None:
         import pyarrow.fs
 
         fs, base = pyarrow.fs.FileSystem.from_uri(storage)
-        fs.delete_dir(f"{base}/{name}")
+        try:
+            fs.delete_dir(f"{base}/{name}")
+        except FileNotFoundError:
+            pass
     else:
         shutil.rmtree(Path(storage) / name, ignore_errors=True)

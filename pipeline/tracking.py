@@ -25,15 +25,24 @@ class MlflowParams:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
 
 
-def project_root(params_file: str | Path | None = None) -> Path:
-    """$DVC_ROOT, else the nearest directory above the params file holding .dvc or .git."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+def workspace_root(params_file: str | Path | None = None) -> Path:
+    """The nearest directory above the params file holding .dvc or .git: where a stage reads its
+    inputs and writes its outputs. Under `dvc exp run --queue` that is DVC's temp copy."""
     start = Path(params_file).resolve().parent if params_file else Path.cwd().resolve()
     for folder in (start, *start.parents):
         if any((folder / marker).exists() for marker in ROOT_MARKERS):
             return folder
     return start
+
+
+def project_root(params_file: str | Path | None = None) -> Path:
+    """Where the shared MLflow store lives: $DVC_ROOT (DVC points it at the parent repository, also
+    for queued experiments that run in a temp copy), else the workspace root. Stage inputs and
+    outputs must not use it: in a queued experiment they belong to the temp copy
+    (`workspace_root`)."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return workspace_root(params_file)
 
 
 def tracking_uri(root: str | Path | None = None, configured: str = "") -> str:
@@ -97,7 +106,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def standard_tags(root: str | Path, stage: str) -> dict[str, str]:
-    tags = {"git_commit": git_commit(root), "dvc_stage": stage}
+    """git commit of `root`, and the DVC stage (DVC's own name for it when DVC runs the command)."""
+    tags = {"git_commit": git_commit(root), "dvc_stage": os.environ.get("DVC_STAGE") or stage}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     return tags

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params, section
-from pipeline.tracking import MlflowParams, project_root
+from pipeline.tracking import MlflowParams, project_root, workspace_root
 from stm_core.model.network import ModelConfig
 
 log = logging.getLogger("pipeline.train")
@@ -101,7 +101,8 @@ class TrainSettings:
     ray: RayParams
     mlflow: MlflowParams
     seed: int
-    root: Path
+    root: Path  # workspace: data, models, metrics, checkpoints (DVC's temp copy in queued experiments)
+    tracking_root: Path  # where the local MLflow store lives ($DVC_ROOT: the parent repository)
     params_file: Path
 
     @property
@@ -165,7 +166,8 @@ def settings(params_file: str | Path, stage: str, kind: str) -> TrainSettings:
     if not isinstance(seed, int):
         raise ParamsError(f"{params_file}: seed: expected an integer, got {seed!r}")
     return TrainSettings(stage, kind, model, section(params, name, StageParams), strmn, section(params, "ray", RayParams),
-                         section(params, "mlflow", MlflowParams), seed, project_root(params_file), Path(params_file))
+                         section(params, "mlflow", MlflowParams), seed, workspace_root(params_file),
+                         project_root(params_file), Path(params_file))
 
 
 def fingerprint(path: Path, limit: int = 50_000) -> str:

@@ -118,7 +118,7 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
     storage, name = s.storage(), run_name(s, init_path)
     if fresh:
         remove_storage(storage, name)
-    uri = tracking.tracking_uri(s.root, s.mlflow.tracking_uri)
+    uri = tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri)
     params = {"model": s.model.to_dict(), s.stage: dataclasses.asdict(sp), "ray": dataclasses.asdict(rp),
               "seed": s.seed, "frames": s.frames, **({"strmn": dataclasses.asdict(s.strmn)} if s.kind == "strmn" else {})}
     run_id, reattached = mlflow_run(s, uri, storage, name, params)

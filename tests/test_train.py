@@ -150,6 +150,20 @@ def test_settings_errors_and_run_names(tmp_path):
         train_cmd.settings(path, "main", "stm")
 
 
+def test_queued_experiment_paths_stay_in_the_workspace(tmp_path, monkeypatch):
+    """`dvc exp run --queue` runs in a temp copy with DVC_ROOT = the parent repo: outputs belong to
+    the copy, the MLflow store to the parent."""
+    parent, copy = tmp_path / "parent", tmp_path / "copy"
+    for root in (parent, copy):
+        (root / ".git").mkdir(parents=True)
+    path = write_params(copy)
+    monkeypatch.setenv("DVC_ROOT", str(parent))
+    s = train_cmd.settings(path, "pretrain", "stm")
+    assert s.root == copy.resolve() and s.tracking_root == parent.resolve()
+    assert s.model_out.is_relative_to(copy.resolve()) and s.data_path().is_relative_to(copy.resolve())
+    assert Path(s.storage()).is_relative_to(copy.resolve())
+
+
 def test_tracking_uri_follows_dvc_root_and_env(tmp_path, monkeypatch):
     from pipeline.tracking import project_root, tracking_uri
 

@@ -249,7 +249,10 @@ def train_loop(config: dict) -> None:
         if fault and step == fault["step"] and rank == world - 1 and not os.path.exists(fault["marker"]):
             inject_fault(fault["marker"], rank, step)
         skip[0] = max_skip_schedule(step, total, 0, tp["max_skip"], tp["skip_ramp"])
-        frames, masks, valid = (t.to(device, non_blocking=True) for t in collate(next(batches)))
+        batch = collate(next(batches))
+        if device.type == "cuda":  # pinned host memory: the copies overlap the previous step's kernels
+            batch = tuple(t.pin_memory() for t in batch)
+        frames, masks, valid = (t.to(device, non_blocking=True) for t in batch)
         lr = lr_at(step, tp)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -267,7 +270,7 @@ def train_loop(config: dict) -> None:
         clips = count * config["per_worker_batch"] * world
         totals.update(clips=totals["clips"] + clips, seconds=totals["seconds"] + seconds, loss=loss)
         metrics = {"step": done, "loss": loss, "lr": lr, "clips_per_s": clips_per_second(clips, seconds),
-                   "max_skip": skip[0], "epoch_clips": totals["clips"]}
+                   "max_skip": skip[0], "clips_seen": totals["clips"]}
         if rank == 0:
             print(f"[train] step {done}/{total} loss {loss:.4f} lr {lr:.2e} {metrics['clips_per_s']:.2f} clips/s "
                   f"max_skip {skip[0]}", flush=True)
@@ -286,7 +289,7 @@ def train_loop(config: dict) -> None:
     if start >= total:  # resumed a finished run: hand the final state back again for export
         rngs = gather(rng_state(rng), world)
         metrics = {"step": total, "loss": totals["loss"], "lr": lr_at(total - 1, tp), "clips_per_s": 0.0,
-                   "max_skip": skip[0], "epoch_clips": totals["clips"]}
+                   "max_skip": skip[0], "clips_seen": totals["clips"]}
         if rank == 0:
             report_checkpoint(metrics, network, optimizer, scaler, total, rngs, totals, config, world)
         else:

@@ -250,28 +250,54 @@ def loss_steps(root: Path, run_id: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_pretrain_then_main_on_ray(project, ray_2cpu):
+def test_pretrain_streams_parquet_on_ray(project, ray_2cpu):
+    """STM pretraining on 2 CPU workers from the synthetic Parquet clips (Ray Data): the DVC outputs
+    and one finished MLflow run with the loss curve and prediction overlays."""
+    from mlflow import MlflowClient
+
     from stm_core.model.checkpoint import load_checkpoint
 
     params = write_params(project)
     assert stm("--stage", "pretrain", "--params", str(params)) == 0
-    assert stm("--stage", "main", "--params", str(params)) == 0
-    for stage, steps in (("pretrain", 4), ("main", 6)):
-        metrics = json.loads((project / f"metrics/train-{stage}.json").read_text())
-        assert metrics["steps"] == steps and metrics["workers"] == 2 and metrics["global_batch"] == 2
-        assert np.isfinite(metrics["final_loss"]) and metrics["clips_per_s"] > 0 and metrics["restarts"] == 0
-        payload = torch.load(project / f"models/{stage}/model.pt", weights_only=True)
-        assert payload["kind"] == "stm" and payload["model_config"]["decoder_dim"] == 16
-        assert load_checkpoint(project / f"models/{stage}/model.pt").config.backbone == "resnet18"
-    found = runs(project)
-    assert sorted(r.info.run_name for r in found) == ["train-main", "train-pretrain"]
-    for r in found:
-        assert r.info.status == "FINISHED" and len(r.data.tags["git_commit"]) > 0
-        assert r.data.tags["dvc_stage"] in ("pretrain", "train")
-        assert loss_steps(project, r.info.run_id) == list(range(1, 7 if r.info.run_name == "train-main" else 5))
-        artifacts = {a.path for a in __import__("mlflow").MlflowClient(
-            f"sqlite:///{project}/mlflow.db").list_artifacts(r.info.run_id, "overlays")}
-        assert artifacts, "no prediction overlay logged"
+    metrics = json.loads((project / "metrics/train-pretrain.json").read_text())
+    assert metrics["steps"] == 4 and metrics["workers"] == 2 and metrics["global_batch"] == 2
+    assert np.isfinite(metrics["final_loss"]) and metrics["clips_per_s"] > 0 and metrics["restarts"] == 0
+    payload = torch.load(project / "models/pretrain/model.pt", weights_only=True)
+    assert payload["kind"] == "stm" and payload["model_config"]["decoder_dim"] == 16
+    assert load_checkpoint(project / "models/pretrain/model.pt").config.backbone == "resnet18"
+    (run,) = runs(project)
+    assert run.info.run_name == "train-pretrain" and run.info.status == "FINISHED"
+    assert run.data.tags["dvc_stage"] == "pretrain" and run.data.tags["git_commit"]
+    assert run.data.params["pretrain.lr"] == "0.001" and "final_loss" in run.data.metrics
+    assert loss_steps(project, run.info.run_id) == [1, 2, 3, 4]
+    overlays = MlflowClient(f"sqlite:///{project}/mlflow.db").list_artifacts(run.info.run_id, "overlays")
+    assert [a.path for a in overlays] == ["overlays/step_000002.png", "overlays/step_000004.png"]
+
+
+@pytest.mark.slow
+def test_strmn_main_training_from_its_pretrained_model(project, ray_2cpu):
+    """STRMN main training on videos (TBPTT clips, skip curriculum) starts from
+    models/strmn-pretrain/model.pt and writes the strmn-named outputs."""
+    from stm_core.model.checkpoint import save_checkpoint
+
+    params = write_params(project)
+    s = train_cmd.settings(params, "main", "strmn")
+    torch.manual_seed(1)
+    pretrained = STMNetwork(s.model)
+    save_checkpoint(project / "models/strmn-pretrain/model.pt", pretrained)
+    assert stm("--stage", "main", "--model", "strmn", "--params", str(params)) == 0
+    metrics = json.loads((project / "metrics/train-main-strmn.json").read_text())
+    assert metrics["model"] == "strmn" and metrics["steps"] == 6 and np.isfinite(metrics["final_loss"])
+    payload = torch.load(project / "models/strmn-main/model.pt", weights_only=True)
+    assert payload["kind"] == "strmn" and payload["model_config"]["norm"] == "group"
+    assert any(k.startswith("fusion.") for k in payload["state_dict"])
+    # trained from the pretrained weights: a few steps move them only a little
+    fresh = STMNetwork(s.model).state_dict()
+    key = "query_encoder.res4.0.conv1.weight"
+    start = pretrained.state_dict()[key]
+    assert (payload["state_dict"][key] - start).norm() < (fresh[key] - start).norm()
+    (run,) = runs(project)
+    assert run.info.run_name == "train-strmn-main" and run.data.params["strmn.segment_length"] == "2"
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from pipeline.fetch import DownloadError, copy_tree, extract, fetch
 from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params, section
 from pipeline.prepare import prepare
 from pipeline.registry import REGISTRY, RemoteFile, Source
-from pipeline.tracking import project_root
+from pipeline.tracking import workspace_root
 from stm_core.data.builtin import BuiltinImagesConfig, write_builtin_images
 from stm_core.data.builtin_videos import BuiltinVideosConfig, write_builtin_videos
 from stm_core.data.io import DataError
@@ -192,7 +192,7 @@ def fetch_source(name: str, p: DownloadParams, root: Path) -> bool:
 def run_download(params_file: str | Path, only: list[str] | None = None) -> list[str]:
     params = load_params(params_file)
     p = section(params, "download", DownloadParams)
-    root = project_root(params_file)
+    root = workspace_root(params_file)  # inputs and outputs: the temp copy under a queued experiment
     built = []
     for name in only or p.sources:
         print(f"download: {name} ...", file=sys.stderr)

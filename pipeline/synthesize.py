@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.params import DEFAULT_PARAMS, load_params, section
-from pipeline.tracking import project_root
+from pipeline.tracking import workspace_root
 from stm_core.data.augment import AffineRange, ColorJitter
 from stm_core.data.io import DataError
 from stm_core.data.synth import SynthConfig, default_clip_affine, default_frame_affine, default_object_affine
@@ -180,7 +180,7 @@ def source_roots(p: SynthesizeParams, root: Path) -> list[Path]:
 def run_synthesize(params_file: str | Path, only: list[str] | None = None) -> list[dict]:
     params = load_params(params_file)
     p = section(params, "synthesize", SynthesizeParams)
-    root = project_root(params_file)
+    root = workspace_root(params_file)  # inputs and outputs: the temp copy under a queued experiment
     roots = source_roots(p, root)
 
     import ray

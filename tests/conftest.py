@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,19 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def davis_sample(shared_data: Path) -> Path:
     return shared_data / "davis-sample"
+
+
+@pytest.fixture(scope="module")
+def ray_2cpu():
+    """A local Ray with 2 CPUs for one test module (shut down after it if the module started it)."""
+    import ray
+
+    from pipeline.cluster import init_ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.skip("RAY_ADDRESS is set: this test starts its own local Ray")
+    started = not ray.is_initialized()
+    init_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()

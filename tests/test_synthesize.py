@@ -17,23 +17,6 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-@pytest.fixture(scope="module")
-def ray_2cpu():
-    import os
-
-    import ray
-
-    from pipeline.cluster import init_ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        pytest.skip("RAY_ADDRESS is set: this test starts its own local Ray")
-    started = not ray.is_initialized()
-    init_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
 def test_synthesize_is_deterministic(tmp_path, ray_2cpu):
     (tmp_path / ".git").mkdir()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -203,21 +202,6 @@ def make_project(root: Path) -> None:
         out.mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows[:4]), out / "clips-00000-0.parquet")
         pq.write_table(pa.Table.from_pylist(rows[4:]), out / "clips-00001-0.parquet")
-
-
-@pytest.fixture(scope="module")
-def ray_2cpu():
-    import ray
-
-    from pipeline.cluster import init_ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        pytest.skip("RAY_ADDRESS is set: this test starts its own local Ray")
-    started = not ray.is_initialized()
-    init_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture()

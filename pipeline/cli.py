@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "pipeline.evaluate",
     "report": "pipeline.report",
     "segment": "stm_core.segment",
+    "import-official": "stm_core.import_official",
     "score": "stm_core.metrics",
 }
 

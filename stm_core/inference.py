@@ -19,14 +19,14 @@ from stm_core.model.network import STRIDE, STMNetwork
 
 
 def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Pad the last two dims to multiples of `stride` (reflect, split around the image)."""
+    """Pad the last two dims to multiples of `stride` with zeros, split around the image
+    (floor(d/2) before, the rest after), exactly as the official STM code does."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % stride, (-w) % stride
     pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # left, right, top, bottom
     if ph == 0 and pw == 0:
         return x, pad
-    mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
-    return F.pad(x, pad, mode=mode), pad
+    return F.pad(x, pad), pad
 
 
 def unpad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
@@ -82,6 +82,7 @@ class InferenceCore:
         mask: torch.Tensor | None = None,  # H x W object ids (0 = background)
         objects: Iterable[int] | None = None,  # ids the mask annotates; default: all its non-zero ids
     ) -> torch.Tensor:  # (1+O) x H x W probabilities, channel 0 background, then self.object_ids
+        """Segment one frame and memorise it. Annotated frames return their annotation."""
         self.frame_index += 1
         frame = frame.to(self.device, non_blocking=True)
         frame = frame.float() / 255 if frame.dtype == torch.uint8 else frame.float()
@@ -92,7 +93,7 @@ class InferenceCore:
         image, pad = pad_to_stride(image)
 
         with self._autocast():
-            probs = self._predict(image, pad, size)  # O x h x w at internal size, or None
+            probs = self._predict(image, pad)  # (1+O) x h x w at internal size, or None
 
         annotated: set[int] = set()
         if mask is not None:
@@ -108,13 +109,15 @@ class InferenceCore:
         if probs is None:  # nothing to track yet
             return torch.ones(1, height, width, device=self.device)
 
+        # The same probabilities are memorised and returned: aggregated once, as the official STM.
         with self._autocast():
-            self._memorize(image, probs, pad, annotated)
-        full = probs if size == (height, width) else F.interpolate(
-            probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-        return soft_aggregate(full[None].float().clamp(0, 1))[0].softmax(dim=0)
+            self._memorize(image, probs[1:], pad, annotated)
+        if size == (height, width):
+            return probs
+        return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
-    def _predict(self, image: torch.Tensor, pad, size) -> torch.Tensor | None:
+    def _predict(self, image: torch.Tensor, pad) -> torch.Tensor | None:
+        """-> (1+O) x h x w: each object decoded on its own, then soft-aggregated once."""
         ready = [g for g in self.groups if g.memory.size > 0]
         if not ready:
             return None
@@ -129,21 +132,28 @@ class InferenceCore:
             fg.append(torch.sigmoid(unpad(logits, pad)[0].float()))
         probs = torch.cat(fg, 0)  # O x h x w, each object on its own
         # Soft aggregation makes the objects compete for each pixel before they are memorised.
-        return soft_aggregate(probs[None])[0].softmax(dim=0)[1:]
+        return soft_aggregate(probs[None])[0].softmax(dim=0)
 
     def _apply_annotation(self, probs, mask: torch.Tensor, size, annotated: set[int]) -> torch.Tensor:
-        """Ground truth overrides prediction for annotated objects; others yield their pixels."""
+        """Ground truth overrides prediction for annotated objects; others yield their pixels.
+
+        probs: (1+O_known) x h x w or None -> (1+O) x h x w; an annotated pixel is exactly its
+        object (one-hot, as the official code memorises the first frame's mask).
+        """
         if mask.shape[-2:] != size:
             mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
         ids = self.object_ids
-        out = torch.zeros(len(ids), *size, device=self.device)
+        out = torch.zeros(1 + len(ids), *size, device=self.device)
         if probs is not None:
             out[: probs.shape[0]] = probs
+        else:
+            out[0] = 1
         claimed = torch.zeros(size, dtype=torch.bool, device=self.device)
         for obj in ids:
             if obj in annotated:
                 claimed |= mask == obj
-        for k, obj in enumerate(ids):
+        out[0] *= ~claimed
+        for k, obj in enumerate(ids, start=1):
             out[k] = (mask == obj).float() if obj in annotated else out[k] * (~claimed)
         return out
 

@@ -138,3 +138,43 @@ def test_stm_segment_names_a_mask_of_the_wrong_size(tmp_path: Path, davis_sample
                 "--masks", str(davis_sample / "Annotations/480p/judo"), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "00005.png: mask is 853x480 but frame 00005.jpg is 854x480" in capsys.readouterr().err
+
+
+def test_two_objects_are_aggregated_once(network: STMNetwork):
+    """Frame 1's output is softmax(soft_aggregate(each object's P(fg))), computed once, and the same
+    probabilities are what frame 1 memorises (a second aggregation moves uncertain pixels to bg)."""
+    from stm_core.model.aggregate import soft_aggregate
+
+    torch.manual_seed(1)
+    frames = [torch.rand(3, *SIZE) for _ in range(3)]
+    mask = torch.zeros(SIZE, dtype=torch.long)
+    mask[10:50, 10:80] = 1
+    mask[40:90, 60:150] = 2
+    core = InferenceCore(network, "first+previous")
+    first = core.step(frames[0], mask)
+    assert torch.equal(first, torch.stack([mask == 0, mask == 1, mask == 2]).float())  # the annotation itself
+    out = core.step(frames[1])
+
+    with torch.inference_mode():  # the same frame by the stateless network's methods
+        image, pad = pad_to_stride(frames[0][None])
+        onehot = F.pad(first[None, 1:], pad)
+        memory = network.encode_memory(image, onehot)
+        keys = memory.key.flatten(-2).transpose(-1, -2)  # 1 x O x hw x Ck
+        values = memory.value.flatten(-2).transpose(-1, -2)
+        query_image, _ = pad_to_stride(frames[1][None])
+        query = network.encode_query(query_image)
+        fg = torch.sigmoid(unpad(network.decode(network.read(query, keys, values), query.skips,
+                                                query_image.shape[-2:]), pad))
+        expected = soft_aggregate(fg)[0].softmax(dim=0)
+    assert torch.allclose(out, expected, atol=1e-5)
+    twice = soft_aggregate(expected[None, 1:])[0].softmax(dim=0)
+    assert not torch.allclose(out, twice, atol=1e-3)  # the check can tell the two apart
+    assert torch.allclose(out.sum(0), torch.ones(SIZE), atol=1e-5)
+
+
+def test_padding_is_zeros_split_around_the_image():
+    x = torch.rand(1, 3, 150, 270) + 1  # no zeros inside the image
+    padded, pad = pad_to_stride(x)
+    assert padded.shape[-2:] == (160, 272) and pad == (1, 1, 5, 5)
+    assert padded[..., :5, :].abs().sum() == 0 and padded[..., -5:, :].abs().sum() == 0
+    assert padded[..., :, :1].abs().sum() == 0 and padded[..., :, -1:].abs().sum() == 0

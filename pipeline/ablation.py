@@ -26,10 +26,21 @@ COPY_FIRST = "copy-first"
 STM_ORDER = ("first", "previous", "first+previous", "every", "fifo")
 RULE_LABELS = {"A": "Oldest vs remaining (A)", "B": "Latest vs remaining (B)",
                "C": "Least similarity pair (C)", "D": "Most similarity pair (D)"}
-# Published numbers on DAVIS-2017 val (ResNet-50, full training): STM Table 5 (J Mean, s/frame on
-# DAVIS-2016) and STRMN Table 4 (J, F, mean), for orientation only: other data, model and scale here.
+# Published numbers on DAVIS-2017 val (ResNet-50), each with the training data behind it:
+# - STM Table 5 (J Mean, s/frame on DAVIS-2016): the model trained with YouTube-VOS (+YV);
+# - STM Table 3 "Ours" (J Mean): the model trained on DAVIS only (Every 5 frames, the final model);
+# - STRMN Table 4 (J, F, mean): pre-trained on static images, fine-tuned on DAVIS-2017 only.
 PAPER_STM = {"first": (67.0, 0.06), "previous": (69.6, 0.06), "first+previous": (77.7, 0.07), "every:5": (79.2, 0.16)}
+PAPER_STM_DAVIS_ONLY = {"every:5": 69.2}
 PAPER_STRMN = {"A": (74.5, 80.1, 77.3), "B": (73.0, 78.5, 75.7), "C": (76.1, 81.0, 78.5), "D": (74.9, 80.1, 77.5)}
+PAPER_STRMN_I2M = (69.2, 74.7, 72.0)  # STRMN Table 3, same training data as Table 4
+STM_WITH_YOUTUBE = "Paper: J / time (DAVIS-17; STM Table 5, trained with YouTube-VOS)"
+STM_DAVIS_ONLY = "Paper: J (DAVIS-17; STM Table 3, trained on DAVIS only)"
+STRMN_PAPER = "Paper: J / F / Mean (DAVIS-17; STRMN Table 4, static images + DAVIS only)"
+
+
+def trained_with_youtube(training_data: str) -> bool:
+    return "youtube" in training_data.lower()
 
 
 @dataclass
@@ -40,6 +51,7 @@ class Row:
     family: str
     rule: str
     metrics: dict[str, float | None]
+    training_data: str = ""  # what the variant's model was trained on (from its checkpoint)
 
     @property
     def size(self) -> int | None:
@@ -75,7 +87,7 @@ def rows_from_runs(children, order: list[str] | None = None) -> list[Row]:
         if not name:
             continue
         rows.append(Row(name, get("params.model"), get("params.policy"), get("params.family"), get("params.rule"),
-                        {k: _value(run.get(f"metrics.{k}")) for k in METRICS}))
+                        {k: _value(run.get(f"metrics.{k}")) for k in METRICS}, get("params.training_data")))
     if not rows:
         raise ReportError("the evaluation's child runs carry no variant tags (stm_variant)")
     rank = {name: i for i, name in enumerate(order or [])}
@@ -135,16 +147,26 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in body]
 
 
+def stm_paper_column(rows: list[Row]) -> str:
+    """The published column that fits the STM model evaluated: Table 5 needs YouTube-VOS training."""
+    data = [r.training_data for r in rows if r.model == "stm"]
+    return STM_WITH_YOUTUBE if data and all(trained_with_youtube(d) for d in data) else STM_DAVIS_ONLY
+
+
 def stm_table(rows: list[Row]) -> list[str]:
+    column = stm_paper_column(rows)
     body = []
     for r in stm_rows(rows):
         m = r.metrics
-        paper = PAPER_STM.get(r.policy) if r.model == "stm" else None
+        paper = ""
+        if r.model == "stm" and column == STM_WITH_YOUTUBE and r.policy in PAPER_STM:
+            paper = "{:.1f} / {:.2f}".format(*PAPER_STM[r.policy])
+        elif r.model == "stm" and r.policy in PAPER_STM_DAVIS_ONLY:
+            paper = f"{PAPER_STM_DAVIS_ONLY[r.policy]:.1f}"
         body.append([stm_label(r), pct(m["JF_mean"]), pct(m["J_mean"]), pct(m["F_mean"]), seconds(r),
-                     num(m["memory_entries"], 0), num(m["memory_mb"], 2),
-                     f"{paper[0]:.1f} / {paper[1]:.2f}" if paper else ""])
+                     num(m["memory_entries"], 0), num(m["memory_mb"], 2), paper])
     return _table(["Memory frame(s)", "J&F", "J", "F", "Time (s/frame)", "Memory entries", "Memory (MB)",
-                   "Paper: J / time (DAVIS-17)"], body)
+                   column], body)
 
 
 def strmn_table(rows: list[Row]) -> list[str]:
@@ -152,11 +174,31 @@ def strmn_table(rows: list[Row]) -> list[str]:
     for r in strmn_rows(rows):
         m = r.metrics
         paper = PAPER_STRMN.get(r.rule) if r.model == "strmn" else None
+        if r.model == "strmn" and r.family == "recurrent-i2m":
+            paper = PAPER_STRMN_I2M
         body.append([strmn_label(r), pct(m["J_mean"]), pct(m["F_mean"]), pct(m["JF_mean"]),
                      str(r.size) if r.model == "strmn" and r.size else "–", num(m["memory_entries"], 0),
                      num(m["memory_mb"], 2), seconds(r), " / ".join(f"{v:.1f}" for v in paper) if paper else ""])
     return _table(["Memory variants", "J", "F", "Mean", "Slots (K)", "Memory entries", "Memory (MB)",
-                   "Time (s/frame)", "Paper: J / F / Mean (DAVIS-17)"], body)
+                   "Time (s/frame)", STRMN_PAPER], body)
+
+
+def training_note(rows: list[Row]) -> str:
+    """One sentence per model kind: what it was trained on, and which published figure fits it."""
+    notes = []
+    for kind, name in (("stm", "STM"), ("strmn", "STRMN")):
+        data = sorted({r.training_data for r in rows if r.model == kind and r.training_data})
+        if data:
+            notes.append(f"The {name} model evaluated here was trained on: {'; '.join(data)}.")
+    if any(r.model == "stm" for r in rows):
+        if stm_paper_column(rows) == STM_WITH_YOUTUBE:
+            notes.append("Its paper column is STM Table 5, whose numbers come from the model trained with "
+                         "YouTube-VOS (+YV): the same training data, so the columns compare directly.")
+        else:
+            notes.append("STM Table 5's numbers come from the model trained with YouTube-VOS (+YV), which this "
+                         "model was not, so the paper column shows the published DAVIS-only figure instead "
+                         "(STM Table 3, every 5 frames: J 69.2, F 74.0); Table 5 (+YV): 67.0 / 69.6 / 77.7 / 79.2 J.")
+    return " ".join(notes)
 
 
 def all_table(rows: list[Row]) -> list[str]:
@@ -206,10 +248,12 @@ def render_markdown(out: Path, parent, rows: list[Row], recent, chart: Path, exp
         "Scores are the DAVIS-2017 semi-supervised measures (x100; first and last frames not scored; "
         "mean over all objects). Time is seconds per frame of segmentation alone, measured while the "
         "(variant, sequence) tasks run in parallel on Ray, so compare times within one report. The paper "
-        "columns are the published DAVIS-2017 numbers (ResNet-50, full training) for orientation only. "
+        "columns are published DAVIS-2017 val numbers (ResNet-50), each labelled with the training data behind "
+        "it. "
         "`Copy first mask` repeats each object's annotation on every later frame: what the model adds is "
         "the distance to that row.",
         "",
+        *([training_note(rows), ""] if training_note(rows) else []),
         "## STM memory management (STM Table 5 layout)",
         "",
         *(stm_table(rows) if any(r.model == "stm" for r in rows) else ["No STM variant in this evaluation."]),

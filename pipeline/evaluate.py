@@ -14,6 +14,7 @@ parent run id, for `stm report`), and one MLflow parent run with one child run p
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import sys
 import tempfile
@@ -102,6 +103,15 @@ def payload(seq: VideoSequence) -> SequencePayload:
                            object_frames=seq.object_frames)
 
 
+@functools.lru_cache(maxsize=4)  # one load per checkpoint, not one per variant
+def checkpoint_training_data(data: bytes) -> str:
+    """The `training_data` a checkpoint records (import-official, stm train), or ""."""
+    import torch
+
+    found = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).get("training_data", "")
+    return str(found)[:400]  # MLflow params are bounded
+
+
 def checkpoint_files(p: EvaluateParams, variants: list[Variant]) -> dict[str, tuple[Path, bytes]]:
     """model kind -> (path, bytes) for the kinds the variants use; a missing file is an error naming it."""
     import torch
@@ -181,6 +191,7 @@ def variant_params(v: Variant, p: EvaluateParams, memory: MemoryParams, models, 
     return {"variant": v.name, "model": v.model, "policy": v.policy, "family": v.family,
             "rule": v.rule or "", "memory_size": v.size if v.size is not None else "",
             "checkpoint": str(path) if path else "", "checkpoint_sha256": sha256(data)[:16] if path else "",
+            "training_data": checkpoint_training_data(data) if path else "",
             "top_k": memory.top_k, "device": resolve_device(p.device), "max_size": p.max_size,
             "dataset": p.dataset, "split": p.split, "sequences": n_seq}
 

@@ -90,6 +90,20 @@ def init_payload(path: Path | None, kind: str) -> dict | None:
     return {"model_config": network.config.to_dict(), "state_dict": network.state_dict()}
 
 
+def training_data(s: TrainSettings) -> str:
+    """What the exported model has seen, for the report's choice of published figure to compare with."""
+    sp = s.stage_params
+    this = "synthetic clips from static images" if sp.data_format == "parquet" else f"{sp.data_format} videos {sp.data}"
+    if sp.init in ("none", "", None):
+        return this
+    init = s.root / "models" / f"{s.prefix}pretrain" / "model.pt" if sp.init == "pretrain" else Path(sp.init)
+    try:
+        before = torch.load(init, map_location="cpu", weights_only=True).get("training_data", "")
+    except Exception:  # noqa: BLE001 - provenance is informative; training already succeeded
+        before = ""
+    return f"{before or init} + {this}"
+
+
 def export(result_checkpoint, s: TrainSettings) -> dict:
     """Final checkpoint -> models/.../model.pt (state dict + config, weights_only-safe) + metrics JSON."""
     with result_checkpoint.as_directory() as folder:
@@ -97,7 +111,7 @@ def export(result_checkpoint, s: TrainSettings) -> dict:
         metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
     network = STMNetwork(ModelConfig(**{**state["model_config"], "pretrained": "none"}))
     network.load_state_dict(state["model"])
-    save_checkpoint(s.model_out, network, step=int(state["step"]))
+    save_checkpoint(s.model_out, network, step=int(state["step"]), training_data=training_data(s))
     atomic_json(s.metrics_out, metrics)
     return metrics
 

@@ -193,14 +193,14 @@ def test_youtube_vos_layout_with_an_object_entering_mid_video(tmp_path):
 
 
 def test_report_tables_follow_the_papers_layout():
-    from pipeline.ablation import Row, stm_table, strmn_table
+    from pipeline.ablation import STM_DAVIS_ONLY, STM_WITH_YOUTUBE, Row, stm_table, strmn_table, training_note
 
-    def row(name, model, policy, jf):
+    def row(name, model, policy, jf, data="synthetic clips from static images + davis videos data/raw/davis"):
         family = policy.split(":")[0]
         rule = policy.split(":")[2] if family == "recurrent" else ""
         metrics = dict.fromkeys(METRICS, 0.5)
         metrics.update(JF_mean=jf, J_mean=jf - 0.01, F_mean=jf + 0.01, ms_per_frame=120.0, memory_entries=3.0)
-        return Row(name, model, policy, family, rule, metrics)
+        return Row(name, model, policy, family, rule, metrics, data if model != "none" else "")
 
     rows = [row("strmn-recurrent-5-C", "strmn", "recurrent:5:C", 0.7), row("stm-every-5", "stm", "every:5", 0.8),
             row("copy-first", "none", "copy-first", 0.3), row("stm-first", "stm", "first", 0.6),
@@ -208,7 +208,15 @@ def test_report_tables_follow_the_papers_layout():
     stm = [line.split(" | ") for line in stm_table(rows)[2:]]
     assert [c[0].strip("| ") for c in stm] == ["Copy first mask (no model)", "First", "Every 5 frames",
                                                "First + latest 7 (FIFO 8)"]
-    assert stm[2][1:5] == ["80.0", "79.0", "81.0", "0.120"] and stm[2][-1].startswith("79.2 / 0.16")
+    assert stm[2][1:5] == ["80.0", "79.0", "81.0", "0.120"]
+    # Trained on DAVIS only: the published DAVIS-only figure, not Table 5 (+YouTube-VOS).
+    assert STM_DAVIS_ONLY in stm_table(rows)[0] and stm[2][-1].startswith("69.2") and stm[1][-1].strip("| ") == ""
+    assert "trained with YouTube-VOS (+YV), which this model was not" in training_note(rows)
+    official = [row(r.variant, r.model, r.policy, 0.8, "DAVIS-2017 + YouTube-VOS (official STM release)")
+                if r.model == "stm" else r for r in rows]
+    stm = [line.split(" | ") for line in stm_table(official)[2:]]
+    assert STM_WITH_YOUTUBE in stm_table(official)[0] and stm[2][-1].startswith("79.2 / 0.16")
+    assert stm[1][-1].startswith("67.0 / 0.06") and "compare directly" in training_note(official)
     strmn = [line.split(" | ") for line in strmn_table(rows)[2:]]
     assert [c[0].strip("| ") for c in strmn] == ["Copy first mask (no model)", "Oldest vs remaining (A)",
                                                  "Least similarity pair (C)"]

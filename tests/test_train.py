@@ -248,6 +248,7 @@ def test_pretrain_streams_parquet_on_ray(project, ray_2cpu):
     assert np.isfinite(metrics["final_loss"]) and metrics["clips_per_s"] > 0 and metrics["restarts"] == 0
     payload = torch.load(project / "models/pretrain/model.pt", weights_only=True)
     assert payload["kind"] == "stm" and payload["model_config"]["decoder_dim"] == 16
+    assert payload["training_data"] == "synthetic clips from static images"  # what the report labels by
     assert load_checkpoint(project / "models/pretrain/model.pt").config.backbone == "resnet18"
     (run,) = runs(project)
     assert run.info.run_name == "train-pretrain" and run.info.status == "FINISHED"
@@ -274,6 +275,7 @@ def test_strmn_main_training_from_its_pretrained_model(project, ray_2cpu):
     assert metrics["model"] == "strmn" and metrics["steps"] == 6 and np.isfinite(metrics["final_loss"])
     payload = torch.load(project / "models/strmn-main/model.pt", weights_only=True)
     assert payload["kind"] == "strmn" and payload["model_config"]["norm"] == "group"
+    assert payload["training_data"].startswith(str(project / "models/strmn-pretrain/model.pt") + " + davis videos")
     assert any(k.startswith("fusion.") for k in payload["state_dict"])
     # trained from the pretrained weights: a few steps move them only a little
     fresh = STMNetwork(s.model).state_dict()

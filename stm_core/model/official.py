@@ -48,6 +48,8 @@ _RENAMES: list[tuple[str, str]] = [
     (r"^Decoder\.RF([23])\.ResMM\.", r"decoder.refine\1.merge_res."),
     (r"^Decoder\.pred2\.", "decoder.predict."),
 ]
+# What the released weights were trained on (STM sec. 4: pre-training, then DAVIS + YouTube-VOS).
+OFFICIAL_TRAINING_DATA = "static images (pre-training) + DAVIS-2017 + YouTube-VOS (official STM release)"
 _NORMALIZE = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 _DECODER_INPUT = "decoder.compress.weight"  # D x (2 Cv) x 3 x 3, input halves swapped
 
@@ -146,5 +148,6 @@ def load_official(path: str | Path) -> STMNetwork:
 def import_official(weights: str | Path, out: str | Path) -> STMNetwork:
     """Convert `weights` and write `out` atomically (nothing is written if anything is wrong)."""
     network = load_official(weights)
-    save_checkpoint(out, network, source=f"official STM release {Path(weights).name}")
+    save_checkpoint(out, network, source=f"official STM release {Path(weights).name}",
+                    training_data=OFFICIAL_TRAINING_DATA)
     return network

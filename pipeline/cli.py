@@ -8,11 +8,11 @@ import sys
 
 # name -> module exposing `add_arguments(parser)` and `run(args) -> int`; its docstring is the help.
 COMMANDS: dict[str, str] = {
-    "download": "pipeline.download",
+    "download": "pipeline.download.stage",
     "synthesize": "pipeline.synthesize",
-    "train": "pipeline.train",
-    "evaluate": "pipeline.evaluate",
-    "report": "pipeline.report",
+    "train": "pipeline.train.stage",
+    "evaluate": "pipeline.evaluate.stage",
+    "report": "pipeline.report.stage",
     "segment": "stm_core.segment",
     "import-official": "stm_core.import_official",
     "score": "stm_core.metrics",

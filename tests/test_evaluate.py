@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.eval_outputs import (
+from pipeline.evaluate.outputs import (
     DVC_METRICS,
     METRICS,
     j_per_frame_table,
@@ -22,9 +22,9 @@ from pipeline.eval_outputs import (
     summarize_variant,
     variants_table,
 )
-from pipeline.eval_worker import SequenceResult, copy_first, given_masks
+from pipeline.evaluate.variants import MemoryParams, parse_variants
+from pipeline.evaluate.worker import SequenceResult, copy_first, given_masks
 from pipeline.params import ParamsError, section
-from pipeline.variants import MemoryParams, parse_variants
 from stm_core.data.io import index_mask_png, write_image, write_index_mask
 from stm_core.metrics import evaluate_sequence, score_folders
 
@@ -85,7 +85,7 @@ def test_memory_params_unknown_key_and_bad_rule(tmp_path):
 def test_repo_params_evaluate_and_memory_sections_parse():
     """The repo's params.yaml (the lead's) must hold sections these stages accept."""
     from pipeline import tracking
-    from pipeline.evaluate import EvaluateParams
+    from pipeline.evaluate.stage import EvaluateParams
     from pipeline.params import load_params
 
     path = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -172,8 +172,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_youtube_vos_layout_with_an_object_entering_mid_video(tmp_path):
     """A YouTube-VOS folder (meta.json says where objects start) through one copy-first task."""
-    from pipeline.eval_worker import run_sequence
-    from pipeline.evaluate import EvaluateParams, load_sequences, payload
+    from pipeline.evaluate.stage import EvaluateParams, load_sequences, payload
+    from pipeline.evaluate.worker import run_sequence
 
     davis = tmp_path / "davis"
     make_tiny_davis(davis)
@@ -193,7 +193,14 @@ def test_youtube_vos_layout_with_an_object_entering_mid_video(tmp_path):
 
 
 def test_report_tables_follow_the_papers_layout():
-    from pipeline.ablation import STM_DAVIS_ONLY, STM_WITH_YOUTUBE, Row, stm_table, strmn_table, training_note
+    from pipeline.report.ablation import (
+        STM_DAVIS_ONLY,
+        STM_WITH_YOUTUBE,
+        Row,
+        stm_table,
+        strmn_table,
+        training_note,
+    )
 
     def row(name, model, policy, jf, data="synthetic clips from static images + davis videos data/raw/davis"):
         family = policy.split(":")[0]
@@ -228,8 +235,8 @@ def test_task_predictions_equal_segment_video(tmp_path):
     """The task's own loop (it needs the InferenceCore for memory entries) = stm_core's segment_video."""
     import torch
 
-    from pipeline.eval_worker import decode_annotations, run_sequence
-    from pipeline.evaluate import payload
+    from pipeline.evaluate.stage import payload
+    from pipeline.evaluate.worker import decode_annotations, run_sequence
     from stm_core.data.io import decode_index_mask_png
     from stm_core.data.video import read_davis
     from stm_core.inference import segment_video

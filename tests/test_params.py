@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.download import DownloadParams
-from pipeline.evaluate import EvaluateParams
+from pipeline.download.stage import DownloadParams
+from pipeline.evaluate.stage import EvaluateParams
+from pipeline.evaluate.variants import MemoryParams
 from pipeline.params import ParamsError, load_params, section
 from pipeline.synthesize import SynthesizeParams
 from pipeline.tracking import MlflowParams
-from pipeline.train import RayParams, StageParams, StrmnParams, settings
-from pipeline.variants import MemoryParams
+from pipeline.train.settings import RayParams, StageParams, StrmnParams, settings
 from stm_core.model.network import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]

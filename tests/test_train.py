@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline import train as train_cmd
 from pipeline.params import ParamsError
-from pipeline.train_data import collate, prepare
-from pipeline.train_loop import Unroll, lr_at
+from pipeline.train import settings as train_cmd
+from pipeline.train.data import collate, prepare
+from pipeline.train.loop import Unroll, lr_at
 from stm_core.model.network import ModelConfig, STMNetwork
 
 TINY_MODEL = {"backbone": "resnet18", "pretrained": "none", "decoder_dim": 16, "fusion_dim": 8}
@@ -326,7 +326,7 @@ def test_strmn_update_per_clip_or_per_segment(one_thread, update, steps):
     """strmn.update: one Adam step per clip batch, or one per TBPTT segment (6 frames, T = 3: 2)."""
     from contextlib import nullcontext
 
-    from pipeline.train_loop import make_train_step
+    from pipeline.train.loop import make_train_step
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

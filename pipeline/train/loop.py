@@ -1,4 +1,4 @@
-"""The Ray Train worker loop: a plain function of a config dict (built by `pipeline.train`).
+"""The Ray Train worker loop: a plain function of a config dict (built by `pipeline.train.driver`).
 
 Every rank runs `train_loop(config)`. The model is wrapped in DDP (gloo on CPU, NCCL on GPU) through
 an `nn.Module` whose forward is the whole training unroll, so DDP sees one forward per backward.
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.train_data import (
+from pipeline.train.data import (
     clips_per_second,
     collate,
     open_videos,

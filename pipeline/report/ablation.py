@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.eval_outputs import METRICS
+from pipeline.evaluate.outputs import METRICS
 from stm_core.data.io import atomic_write_bytes
 
 

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.ablation import ReportError, render_chart, render_markdown, rows_from_runs, variant_order
 from pipeline.params import ParamsError, load_params, section
+from pipeline.report.ablation import ReportError, render_chart, render_markdown, rows_from_runs, variant_order
 
 
 def _search(experiment: str, filter_string: str, **kwargs):

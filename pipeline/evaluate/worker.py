@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.variants import COPY_FIRST, Variant
+from pipeline.evaluate.variants import COPY_FIRST, Variant
 from stm_core.data.io import DataError, decode_image, decode_index_mask_png, index_mask_png, to_tensor
 from stm_core.inference import InferenceCore, memory_entries, probabilities_to_mask
 from stm_core.metrics import MetricError, SequenceScores, evaluate_sequence

@@ -1,7 +1,7 @@
 """Time training steps of one worker (no Ray, no MLflow: torch + stm_core only), e.g. the paper's
 configuration on a GPU:
 
-    python -m pipeline.train_bench --device cuda --backbone resnet50 --crop 384 --batch 4 --precision bf16
+    python -m pipeline.train.bench --device cuda --backbone resnet50 --crop 384 --batch 4 --precision bf16
 
 It builds the same `Unroll` module and optimizer step as `stm train` (channels_last and autocast
 on CUDA), runs `--warmup` untimed steps and `--steps` timed ones on random clips, and prints one
@@ -17,7 +17,7 @@ from contextlib import nullcontext
 
 import torch
 
-from pipeline.train_loop import Unroll, precision
+from pipeline.train.loop import Unroll, precision
 from stm_core.model.network import ModelConfig, STMNetwork
 
 

@@ -24,7 +24,7 @@ class RemoteFile:
 @dataclass(frozen=True)
 class Source:
     name: str
-    layout: str  # how `pipeline.prepare` arranges it
+    layout: str  # how `pipeline.download.prepare` arranges it
     files: tuple[RemoteFile, ...]  # empty: behind a login, local copy only
     homepage: str
     size_hint: str = ""

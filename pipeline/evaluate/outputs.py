@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.eval_worker import SequenceResult
+from pipeline.evaluate.worker import SequenceResult
 from stm_core.data.io import (
     DAVIS_PALETTE,
     atomic_write_bytes,

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking
-from pipeline.train import RUN_ID_FILE, TrainSettings, atomic_json, remove_storage, run_name
-from pipeline.train_loop import METRICS_FILE, STATE_FILE, train_loop
+from pipeline.train.loop import METRICS_FILE, STATE_FILE, train_loop
+from pipeline.train.settings import RUN_ID_FILE, TrainSettings, atomic_json, remove_storage, run_name
 from stm_core.model.checkpoint import load_checkpoint, save_checkpoint
 from stm_core.model.network import ModelConfig, STMNetwork
 

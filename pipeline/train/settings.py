@@ -1,28 +1,18 @@
-"""Train STM or STRMN on Ray Train: `--stage pretrain` (synthetic clips) or `--stage main` (videos).
-
-The driver reads params.yaml, creates (or re-attaches to) the MLflow run, starts a Ray Train
-`TorchTrainer` whose loop is `pipeline.train_loop.train_loop`, and writes the DVC outputs from
-the final checkpoint: `models/[strmn-]<stage>/model.pt` and `metrics/train-<stage>[-strmn].json`.
-Checkpoints live under `ray.storage` in a run named from a hash of everything that shapes the
-result, so re-running the stage after a crash resumes where it stopped, while changed params or
-data start a fresh run.
-"""
+"""Training settings: the params sections `pretrain`/`train`, `strmn`, `ray` -> `TrainSettings`,
+and the Ray Train run name (a hash of everything that shapes the result)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params, section
+from pipeline.params import ParamsError, load_params, section
 from pipeline.tracking import MlflowParams, project_root, workspace_root
 from stm_core.model.network import ModelConfig
 
@@ -196,25 +186,6 @@ def run_name(s: TrainSettings, init: Path | None) -> str:
         recipe["stage"].pop(key)  # bookkeeping: changing it must not throw away a half-done run
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{s.prefix}{s.stage}-{digest}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", choices=STAGES, required=True, help="pretrain (synthetic clips) or main (videos)")
-    parser.add_argument("--model", choices=("stm", "strmn"), default="stm", help="which network to train")
-    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    parser.add_argument("--fresh", action="store_true", help="ignore and delete this run's earlier checkpoints")
-
-
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    from pipeline.train_driver import train
-
-    try:
-        s = settings(args.params, args.stage, args.model)
-        return train(s, fresh=args.fresh, fault=os.environ.get(FAULT_ENV, ""))
-    except (ParamsError, FileNotFoundError, ValueError) as err:
-        print(f"stm train: error: {err}", file=sys.stderr)
-        return 2
 
 
 def atomic_json(path: Path, data: dict) -> None:

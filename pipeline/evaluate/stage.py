@@ -22,11 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import eval_outputs as outputs
 from pipeline import tracking
-from pipeline.eval_worker import SequencePayload, SequenceResult, remote_sequence, sha256
+from pipeline.evaluate import outputs
+from pipeline.evaluate.variants import MemoryParams, Variant, parse_variants
+from pipeline.evaluate.worker import SequencePayload, SequenceResult, remote_sequence, sha256
 from pipeline.params import ParamsError, load_params, section
-from pipeline.variants import MemoryParams, Variant, parse_variants
 from stm_core.data.io import DataError
 from stm_core.data.video import VideoSequence, read_davis, read_youtube_vos
 from stm_core.metrics import MetricError, write_json_atomic
@@ -38,7 +38,7 @@ TRAIN_HINT = {"stm": "stm train --stage main", "strmn": "stm train --stage main 
 
 @dataclass
 class EvaluateParams:
-    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))  # see pipeline/variants.py
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))  # see pipeline/evaluate/variants.py
     dataset: str = "data/raw/builtin-videos"  # benchmark root: DAVIS or YouTube-VOS layout
     format: str = "auto"  # davis | youtube-vos | auto (DAVIS if JPEGImages/ exists)
     split: str = "val"  # DAVIS ImageSets/<year>/<split>.txt, or the YouTube-VOS split folder

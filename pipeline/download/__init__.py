@@ -1,0 +1,1 @@
+"""`stm download`: fetch, verify and prepare the data sources (stage download@<source>)."""

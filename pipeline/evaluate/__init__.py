@@ -1,0 +1,1 @@
+"""`stm evaluate`: memory variants, the Ray tasks that run them, and their outputs (stage evaluate)."""

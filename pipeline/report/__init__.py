@@ -1,0 +1,1 @@
+"""`stm report`: evaluation runs -> the ablation tables and chart (stage report)."""

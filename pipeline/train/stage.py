@@ -1,0 +1,38 @@
+"""Train STM or STRMN on Ray Train: `--stage pretrain` (synthetic clips) or `--stage main` (videos).
+
+The driver reads params.yaml, creates (or re-attaches to) the MLflow run, starts a Ray Train
+`TorchTrainer` whose loop is `pipeline.train.loop.train_loop`, and writes the DVC outputs from
+the final checkpoint: `models/[strmn-]<stage>/model.pt` and `metrics/train-<stage>[-strmn].json`.
+Checkpoints live under `ray.storage` in a run named from a hash of everything that shapes the
+result, so re-running the stage after a crash resumes where it stopped, while changed params or
+data start a fresh run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pipeline.params import DEFAULT_PARAMS, ParamsError
+from pipeline.train.settings import FAULT_ENV, STAGES, settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", choices=STAGES, required=True, help="pretrain (synthetic clips) or main (videos)")
+    parser.add_argument("--model", choices=("stm", "strmn"), default="stm", help="which network to train")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument("--fresh", action="store_true", help="ignore and delete this run's earlier checkpoints")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    from pipeline.train.driver import train
+
+    try:
+        s = settings(args.params, args.stage, args.model)
+        return train(s, fresh=args.fresh, fault=os.environ.get(FAULT_ENV, ""))
+    except (ParamsError, FileNotFoundError, ValueError) as err:
+        print(f"stm train: error: {err}", file=sys.stderr)
+        return 2

@@ -77,23 +77,36 @@ def project(tmp_path_factory):
     reads = root.parent / "reads.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", READS_ENV)}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(root),  # the copy's code runs
-               DVC_NO_ANALYTICS="1", RAY_USAGE_STATS_ENABLED="0", COLUMNS=str(EXP_SHOW_WIDTH))
+               DVC_NO_ANALYTICS="1", RAY_USAGE_STATS_ENABLED="0", COLUMNS=str(EXP_SHOW_WIDTH),
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run(["git", "init", "-q"], root, env)
     run([*git, "add", "-A"], root, env)
     run([*git, "commit", "-qm", "project"], root, env)
     started = time.monotonic()
-    first = run(["dvc", "repro"], root, {**env, READS_ENV: str(reads)}, timeout=1200)
+    # The README's baseline command: dvc repro, then commit dvc.lock + the small outputs.
+    first = run(["stm", "baseline"], root, {**env, READS_ENV: str(reads)}, timeout=1500)
     took = time.monotonic() - started
-    run([*git, "add", "-A"], root, env)  # the baseline: dvc.lock + metrics, plots, report
-    run([*git, "commit", "-qm", "baseline"], root, env)
-    print(f"\ntiny dvc repro: {took:.0f} s")
+    print(f"\ntiny stm baseline (dvc repro + commit): {took:.0f} s")
     return {"root": root, "env": env, "first": first.stdout + first.stderr, "reads": reads, "git": git}
 
 
 def declared_params(root: Path) -> dict[str, set[str]]:
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     return {name: set((stage.get("params") or {}).get("params.yaml", {})) for name, stage in lock.items()}
+
+
+def test_baseline_commit_holds_the_lock_and_small_outputs(project):
+    root, env = project["root"], project["env"]
+    committed = run(["git", "show", "--name-only", "--format=%s", "HEAD"], root, env).stdout.split("\n")
+    assert committed[0].startswith("Baseline:"), committed
+    files = set(filter(None, committed[1:]))
+    assert {"dvc.lock", "metrics/summary.json", "metrics/train-main.json", "plots/train-main.csv",
+            "reports/ablation.md", "reports/ablation.png"} <= files, files
+    assert not any(f.startswith(("models/", "data/", "results/")) for f in files), files
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], root, env).stdout == ""
+    diff = run(["dvc", "metrics", "diff", "HEAD"], root, env).stdout
+    assert "metrics/summary.json" not in diff, f"the workspace should equal the baseline:\n{diff}"
 
 
 def test_every_stage_ran_once_and_reads_exactly_its_declared_params(project):

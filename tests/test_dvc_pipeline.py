@@ -25,7 +25,7 @@ import yaml
 
 from pipeline.params import PLACEMENT_KEYS, READS_ENV
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]  # the whole tiny pipeline: minutes
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

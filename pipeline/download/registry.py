@@ -4,7 +4,7 @@ Checksums: DAVIS-2017 sizes and sha256 as recorded by TensorFlow Datasets (davis
 DAVIS-2016 md5 from the DAVIS authors' download script (fperazzi/davis-2017, data/get_davis.sh);
 PASCAL VOC 2012 and SBD md5 as torchvision verifies them; COCO 2017 md5 of the official zips.
 Sources without a published checksum are downloaded unverified (HTTPS/size only): give a
-`download.overrides.<name>.path` to a copy you trust if that matters.
+`download.sources.<name>.path` to a copy you trust if that matters.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ params="${1:-${STM_PARAMS:-params.yaml}}"
 if [[ "$params" != "params.yaml" ]]; then
   cp "$params" params.yaml  # DVC tracks params.yaml; this is the job's own copy of the repo
 fi
-# The working-dir upload keeps .git; an image or archive without it still needs a git repo for DVC.
+# Ray leaves .git out of the working-dir upload (as does an image without it); DVC needs a git repo.
 [[ -d .git ]] || git init -q
 
 remote="${STM_DVC_REMOTE:-}"

@@ -2,8 +2,10 @@
 
 `stm evaluate [--params params.yaml]`. The variants (`evaluate.variants`) are STM memory policies
 with the STM model, STRMN update rules with K = `memory.slots` slots with the STRMN model, and the
-`copy-first` baseline. Each (variant, sequence) pair is one Ray task (local, or the cluster at
-$RAY_ADDRESS); frames, annotations and checkpoints travel to the tasks through the object store.
+`copy-first` baseline. A pool of Ray actors (local, or the cluster at $RAY_ADDRESS; one per GPU, or
+per `evaluate.num_cpus` CPUs) takes the (variant, sequence) items one at a time: each actor loads a
+checkpoint once, and times each sequence with its device to itself. Frames, annotations and
+checkpoints travel to the actors through the object store.
 
 Writes results/<variant>/<sequence>/%05d.png (palette PNGs) and results/<variant>/sequences.csv,
 metrics/evaluate.json ({variant: {JF_mean, J_mean, ..., fps, peak_memory_mb, memory_entries}}),
@@ -25,7 +27,7 @@ from pathlib import Path
 from pipeline import tracking
 from pipeline.evaluate import outputs
 from pipeline.evaluate.variants import MemoryParams, Variant, parse_variants
-from pipeline.evaluate.worker import SequencePayload, SequenceResult, remote_sequence, sha256
+from pipeline.evaluate.worker import EvaluationWorker, SequencePayload, SequenceResult, sha256
 from pipeline.params import ParamsError, load_params, section
 from stm_core.data.io import DataError
 from stm_core.data.video import VideoSequence, read_davis, read_youtube_vos
@@ -51,7 +53,7 @@ class EvaluateParams:
     device: str = "cpu"  # cpu | cuda | auto
     max_size: int | None = None  # longest side the network sees (null: native resolution)
     num_cpus: float = 1.0  # CPUs per task (torch threads = max(1, round(num_cpus)))
-    num_gpus: float | None = None  # GPUs per task; null: 0.25 with cuda (4 tasks share a GPU), 0 on cpu
+    num_gpus: float | None = None  # GPUs per evaluation actor; null: 1 on cuda (timed alone), 0 on cpu
     overlays: int = 3  # overlay images per variant logged to MLflow (from the first sequence)
 
     def __post_init__(self):
@@ -145,43 +147,77 @@ def resolve_device(device: str) -> str:
 
 # ----------------------------------------------------------------------------- Ray
 
+def actor_count(p: EvaluateParams, device: str, items: int) -> tuple[int, float]:
+    """(actors, GPUs per actor): as many actors as the cluster's CPUs (or GPUs) hold, at most one per item."""
+    import ray
+
+    total = ray.cluster_resources()
+    if device.startswith("cuda"):
+        gpus = p.num_gpus if p.num_gpus is not None else 1.0
+        fit = int(total.get("GPU", 0) // gpus) if gpus > 0 else items
+    else:
+        gpus = 0.0
+        fit = int(total.get("CPU", 1) // p.num_cpus) if p.num_cpus > 0 else items
+    if fit < 1:
+        raise EvaluationError(f"the Ray cluster has {total.get('GPU' if gpus else 'CPU', 0)} "
+                              f"{'GPUs' if gpus else 'CPUs'}; an evaluation actor needs "
+                              f"{gpus if gpus else p.num_cpus} (evaluate.num_gpus / evaluate.num_cpus)")
+    return max(1, min(fit, items)), gpus
+
+
 def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict[str, tuple[Path, bytes]],
               p: EvaluateParams, memory: MemoryParams, writer: outputs.ResultsWriter,
-              keep_masks: set[str]) -> dict[str, dict[str, SequenceResult]]:
-    """One task per (variant, sequence), all submitted at once; results written as they arrive."""
+              keep_masks: set[str]) -> tuple[dict[str, dict[str, SequenceResult]], list[dict[str, int]]]:
+    """A pool of evaluation actors, each fed one (variant, sequence) item at a time as it frees up;
+    results written as they arrive. Returns the results and each actor's checkpoint loads."""
     import ray
     from tqdm import tqdm
 
     device = resolve_device(p.device)
-    gpus = p.num_gpus if p.num_gpus is not None else (0.25 if device.startswith("cuda") else 0.0)
-    task = ray.remote(remote_sequence).options(num_cpus=p.num_cpus, num_gpus=gpus, max_retries=1)
+    work = [(v, seq) for seq in videos for v in variants]
+    n_actors, gpus = actor_count(p, device, len(work))
+    actor_cls = ray.remote(EvaluationWorker).options(num_cpus=p.num_cpus, num_gpus=gpus, max_restarts=1,
+                                                      max_task_retries=1)
+    threads = max(1, round(p.num_cpus))
+    actors = [actor_cls.remote(device, p.max_size, memory.top_k, threads) for _ in range(n_actors)]
     model_refs = {kind: (sha256(data), [ray.put(data)]) for kind, (_, data) in models.items()}
+    payload_refs: dict[str, object] = {}
+    idle = list(actors)
     pending: dict = {}
-    for seq in videos:
-        ref = ray.put(payload(seq))
-        for v in variants:
-            args = (v, model_refs.get(v.model), ref, device, p.max_size, memory.top_k, max(1, round(p.num_cpus)))
-            pending[task.remote(*args)] = (v.name, seq.name)
     results: dict[str, dict[str, SequenceResult]] = {v.name: {} for v in variants}
-    with tqdm(total=len(pending), desc="evaluate", unit="task", file=sys.stderr) as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                name, seq = pending.pop(ref)
+    queue = iter(work)
+    try:
+        with tqdm(total=len(work), desc=f"evaluate ({n_actors} actors)", unit="item", file=sys.stderr) as bar:
+            while True:
+                while idle and (item := next(queue, None)) is not None:
+                    v, seq = item
+                    if seq.name not in payload_refs:
+                        payload_refs[seq.name] = ray.put(payload(seq))
+                    actor = idle.pop()
+                    ref = actor.run.remote(v, model_refs.get(v.model), payload_refs[seq.name])
+                    pending[ref] = (v.name, seq.name, actor)
+                if not pending:
+                    break
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                name, seq_name, actor = pending.pop(ref)
                 try:
                     result = ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - RayTaskError wraps the worker's exception
-                    for other in pending:
-                        ray.cancel(other)
                     cause = getattr(err, "cause", None) or err
-                    raise EvaluationError(f"variant {name} on sequence {seq}: {type(cause).__name__}: {cause}") from err
+                    raise EvaluationError(f"variant {name} on sequence {seq_name}: {type(cause).__name__}: "
+                                          f"{cause}") from err
+                idle.append(actor)
                 writer.add(result)
-                if seq not in keep_masks:
+                if seq_name not in keep_masks:
                     result.masks = []  # on disk now; keep memory flat on long benchmarks
-                results[name][seq] = result
-                bar.set_postfix_str(f"{name}/{seq}", refresh=False)
+                results[name][seq_name] = result
+                bar.set_postfix_str(f"{name}/{seq_name}", refresh=False)
                 bar.update()
-    return results
+        loads = ray.get([a.loads.remote() for a in actors])
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return results, loads
 
 
 # ----------------------------------------------------------------------------- MLflow
@@ -257,7 +293,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
         store_mb = ray_p.get("object_store_mb")
         init_ray(num_cpus=ray_p.get("num_cpus"), object_store_memory=store_mb * 2**20 if store_mb else None)
         first = videos[0].name
-        by_variant = run_tasks(variants, videos, models, p, memory, writer, keep_masks={first})
+        by_variant, loads = run_tasks(variants, videos, models, p, memory, writer, keep_masks={first})
         summaries = [outputs.summarize_variant(v.name, [by_variant[v.name][s.name] for s in videos]) for v in variants]
         for s in summaries:
             writer.commit(s)
@@ -268,7 +304,8 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
         _log_parent(uri, parent_id, summaries, written)
         info = {"parent_run_id": parent_id, "experiment": mlflow_p.experiment, "tracking_uri": uri,
                 "children": children, "dataset": p.dataset, "split": p.split,
-                "sequences": [v.name for v in videos], "variants": [asdict(v) for v in variants]}
+                "sequences": [v.name for v in videos], "variants": [asdict(v) for v in variants],
+                "checkpoint_loads": loads}  # per actor: sha256 -> loads (1 each: models load once per worker)
         write_json_atomic(results_dir / "evaluation.json", info)
         status = "FINISHED"
         return {"parent_run_id": parent_id, "metrics": outputs.metrics_json(summaries)}  # all METRICS

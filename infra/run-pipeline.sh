@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# Run the whole DVC pipeline as one Ray job, with stage outputs kept in shared storage.
+# Run the DVC pipeline as one Ray job, pushing each stage to the DVC remote as soon as it ends.
 #
 #   ray job submit --address http://<head>:8265 --working-dir . -- bash infra/run-pipeline.sh params-paper.yaml
 #
 # Inside a Ray job RAY_ADDRESS is set, so every stage (`stm ...`, run by `dvc repro`) joins the
 # cluster instead of starting a local Ray. The job's working directory is a copy of the repo
-# *without* git-ignored files (data/, models/, results/ ...), and it is thrown away when the job
-# ends. So stage outputs travel through the DVC remote in STM_DVC_REMOTE (s3://, gs://, a shared
-# mount): the job restores the previous run's dvc.lock and uncached outputs (metrics, plot data:
-# infra/pipeline_state.py keeps them beside the remote), pulls the cached outputs, runs
-# `dvc repro` (only what changed re-runs), pushes the outputs and saves the new state. On your
-# machine, the same restore + `dvc pull` gives you the run's results and the dvc.lock to commit:
+# *without* git-ignored files (data/, models/, results/ ...), thrown away when the job ends (a
+# KubeRay RayJob deletes its whole cluster). So this script runs the stages one at a time, in
+# dependency order, and after each one pushes its outputs and DVC's run cache to the remote
+# `cluster` (.dvc/config). A failed or killed job loses at most the stage it was in: the next job
+# (the same command again) pulls the run cache, and every stage that already ran with the same
+# code, params and inputs is restored from the remote ("Stage '...' is cached - skipping run"),
+# so it starts from the stage that failed. On your machine, the same gives you every output and
+# the dvc.lock to commit, without training anything:
 #
-#   python infra/pipeline_state.py restore "$STM_DVC_REMOTE" params-paper && dvc pull
+#   dvc remote default --local cluster && dvc repro --pull
 #
 # Arguments / environment:
 #   $1 or STM_PARAMS   params file to run with (default params.yaml); another file, e.g. the
 #                      paper recipe, is copied over params.yaml in this job's copy of the repo
-#   STM_DVC_REMOTE     DVC remote URL for stage outputs (optional: without it nothing is pulled
-#                      or pushed, and outputs stay in the job's directory on the head node)
-#   STM_DVC_TARGETS    stages to reproduce (default: all)
+#   STM_DVC_REMOTE     the remote's URL for this job (s3://..., gs://..., a shared mount), instead
+#                      of the `cluster` URL in .dvc/config; set one of the two on a cluster. With
+#                      `none`, nothing is pulled or pushed (outputs stay in the job's directory).
+#   STM_DVC_TARGETS    stages to reproduce, with what they depend on (default: all)
 #   MLFLOW_TRACKING_URI the cluster's MLflow server (infra/mlflow/start-server.sh)
 set -euo pipefail
 
@@ -32,18 +35,30 @@ fi
 # The working-dir upload keeps .git; an image or archive without it still needs a git repo for DVC.
 [[ -d .git ]] || git init -q
 
-state="$(basename "$params" .yaml)"  # one saved state per params file
-echo "run-pipeline.sh: params=$params RAY_ADDRESS=${RAY_ADDRESS:-<local>} MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-<local sqlite>}" >&2
+remote="${STM_DVC_REMOTE:-}"
+if [[ -n "$remote" && "$remote" != "none" ]]; then
+  dvc remote add --local --force cluster "$remote"  # overrides the URL in .dvc/config for this job only
+fi
+if [[ "$remote" != "none" ]]; then
+  url="$(dvc remote list | awk '$1 == "cluster" {print $2}')"
+  [[ -n "$url" ]] || { echo "run-pipeline.sh: no DVC remote 'cluster' in .dvc/config and no STM_DVC_REMOTE" >&2; exit 2; }
+  dvc remote default --local cluster  # what `dvc repro --pull` pulls from
+fi
+echo "run-pipeline.sh: params=$params remote=${url:-<none>} RAY_ADDRESS=${RAY_ADDRESS:-<local>}" \
+     "MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-<local sqlite>}" >&2
+
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [[ -n "${STM_DVC_REMOTE:-}" ]]; then
-  dvc remote add --local --force --default shared "$STM_DVC_REMOTE"
-  python "$here/pipeline_state.py" restore "$STM_DVC_REMOTE" "$state"
-  dvc pull --allow-missing
-fi
 # shellcheck disable=SC2086  # targets are word-split on purpose
-dvc repro ${STM_DVC_TARGETS:-}
-if [[ -n "${STM_DVC_REMOTE:-}" ]]; then
-  dvc push
-  python "$here/pipeline_state.py" save "$STM_DVC_REMOTE" "$state"
-fi
+mapfile -t stages < <(python "$here/dvc_stages.py" order ${STM_DVC_TARGETS:-})
+[[ ${#stages[@]} -gt 0 ]] || { echo "run-pipeline.sh: no stages to run" >&2; exit 2; }
+for stage in "${stages[@]}"; do
+  echo "run-pipeline.sh: stage $stage" >&2
+  if [[ "$remote" == "none" ]]; then
+    dvc repro "$stage"
+  else
+    dvc repro --pull "$stage"  # a stage the run cache knows is restored from the remote, not re-run
+    dvc push --run-cache "$stage"  # now: a later failure cannot lose this stage
+    python "$here/dvc_stages.py" push-uncached "$stage"  # its metrics/plots, which the run cache restores too
+  fi
+done
 dvc metrics show

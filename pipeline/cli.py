@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "train": "pipeline.train.stage",
     "evaluate": "pipeline.evaluate.stage",
     "report": "pipeline.report.stage",
+    "baseline": "pipeline.baseline",
     "segment": "stm_core.segment",
     "import-official": "stm_core.import_official",
     "score": "stm_core.metrics",

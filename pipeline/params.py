@@ -6,7 +6,10 @@ names the file and the key.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -16,6 +19,14 @@ import yaml
 
 T = TypeVar("T")
 DEFAULT_PARAMS = "params.yaml"
+# Keys that say where work runs or where results are kept, never what the results are. No stage
+# depends on them in dvc.yaml, so `dvc exp run -S ray.storage=s3://...` or more CPUs re-run nothing.
+PLACEMENT_KEYS = (
+    "ray.cpus_per_worker", "ray.gpus_per_worker", "ray.num_cpus", "ray.object_store_mb", "ray.storage",
+    "mlflow.experiment", "mlflow.tracking_uri",
+    "download.cache", "download.keep_archives", "download.retries", "download.timeout",
+)
+READS_ENV = "STM_PARAMS_READS"  # a file: every process appends the params keys it read (tests of dvc.yaml)
 
 
 class ParamsError(ValueError):
@@ -33,7 +44,57 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     data["__file__"] = str(path)
+    if os.environ.get(READS_ENV):
+        return _recorded(data, os.environ[READS_ENV])
     return data
+
+
+# ----------------------------------------------------------------------------- which keys a stage reads
+
+class _Recording(dict):
+    """A params mapping that notes each value read (`a.b.c`), so a test can compare the keys a stage
+    really reads with its `params:` in dvc.yaml. Listing keys is not reading them."""
+
+    def __init__(self, data: dict, prefix: str, sink: set[str]):
+        super().__init__(data)
+        self._prefix, self._sink = prefix, sink
+
+    def _read(self, key: Any, value: Any) -> Any:
+        path = f"{self._prefix}{key}"
+        if str(key).startswith("__"):
+            return value
+        if isinstance(value, dict):  # a section: its values are noted as they are read
+            self._sink.add(f"{path}.*")
+            return _Recording(value, f"{path}.", self._sink)
+        self._sink.add(path)
+        return value
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._read(key, super().__getitem__(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._read(key, super().__getitem__(key)) if key in self else default
+
+    def items(self):  # type: ignore[override]
+        return [(k, self._read(k, v)) for k, v in super().items()]
+
+    def values(self):  # type: ignore[override]
+        return [v for _, v in self.items()]
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+
+def _recorded(data: dict[str, Any], sink_file: str) -> dict[str, Any]:
+    reads: set[str] = set()
+
+    def flush() -> None:  # one JSON line per process: the DVC stage (or command) and what it read
+        line = json.dumps({"stage": os.environ.get("DVC_STAGE", ""), "reads": sorted(reads)})
+        with open(sink_file, "a") as f:
+            f.write(line + "\n")
+
+    atexit.register(flush)
+    return _Recording(data, "", reads)
 
 
 def section(params: dict[str, Any], name: str, cls: type[T]) -> T:

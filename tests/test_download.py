@@ -200,7 +200,7 @@ def _davis_zip() -> bytes:
 def _params(tmp_path: Path, download: dict) -> Path:
     (tmp_path / ".git").mkdir(exist_ok=True)  # marks the project root
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"download": download}))
+    path.write_text(yaml.safe_dump({"download": download}, sort_keys=False))
     return path
 
 
@@ -210,7 +210,7 @@ def test_remote_source_end_to_end(server, tmp_path, monkeypatch):
     source = Source("tiny-davis", "davis", (RemoteFile(f"{server.url}/DAVIS.zip", "DAVIS.zip", len(data),
                                                        sha256=hashlib.sha256(data).hexdigest()),), "test")
     monkeypatch.setitem(REGISTRY, source.name, source)
-    params = _params(tmp_path, {"sources": ["tiny-davis"]})
+    params = _params(tmp_path, {"sources": {"tiny-davis": {}}})
     assert dl.run_download(params) == ["tiny-davis"]
     target = tmp_path / "data/raw/tiny-davis"
     assert (target / dl.MARKER).is_file()
@@ -227,13 +227,13 @@ def test_corrupt_download_leaves_no_dataset(server, tmp_path, monkeypatch):
                                                        sha256=hashlib.sha256(data).hexdigest()),), "test")
     monkeypatch.setitem(REGISTRY, source.name, source)
     with pytest.raises(ChecksumError):
-        dl.run_download(_params(tmp_path, {"sources": ["tiny-davis"]}))
+        dl.run_download(_params(tmp_path, {"sources": {"tiny-davis": {}}}))
     assert not (tmp_path / "data/raw").exists() or not any((tmp_path / "data/raw").iterdir())
     # a checksum-free archive that is not an archive: the stage fails, no half-dataset appears
     server.files["/DAVIS.zip"] = b"garbage"
     monkeypatch.setitem(REGISTRY, source.name, Source("tiny-davis", "davis", (RemoteFile(f"{server.url}/DAVIS.zip", "x.zip"),), "t"))
     with pytest.raises(DownloadError, match="not a zip or tar"):
-        dl.run_download(_params(tmp_path, {"sources": ["tiny-davis"]}))
+        dl.run_download(_params(tmp_path, {"sources": {"tiny-davis": {}}}))
     assert not any((tmp_path / "data/raw").iterdir())
 
 
@@ -241,7 +241,7 @@ def test_local_sources_folder_archive_and_file_url(tmp_path):
     zip_path = tmp_path / "DAVIS.zip"
     zip_path.write_bytes(_davis_zip())
     extract(zip_path, tmp_path / "unzipped")
-    params = _params(tmp_path, {"sources": ["mine-zip", "mine-dir", "mine-url"], "overrides": {
+    params = _params(tmp_path, {"sources": {
         "mine-zip": {"path": str(zip_path), "layout": "davis"},
         "mine-dir": {"path": "unzipped", "layout": "davis"},
         "mine-url": {"path": zip_path.as_uri(), "layout": "davis"}}})
@@ -253,19 +253,19 @@ def test_local_sources_folder_archive_and_file_url(tmp_path):
 
 def test_source_errors(tmp_path):
     with pytest.raises(dl.ParamsError, match="unknown source 'nope'"):
-        dl.run_download(_params(tmp_path, {"sources": ["nope"]}))
-    with pytest.raises(DownloadError, match=r"needs a login.*download\.overrides\.youtube-vos-2019\.path"):
-        dl.run_download(_params(tmp_path, {"sources": ["youtube-vos-2019"]}))
+        dl.run_download(_params(tmp_path, {"sources": {"nope": {}}}))
+    with pytest.raises(DownloadError, match=r"needs a login.*download\.sources\.youtube-vos-2019\.path"):
+        dl.run_download(_params(tmp_path, {"sources": {"youtube-vos-2019": {}}}))
     with pytest.raises(dl.ParamsError, match="unknown key"):
         dl.run_download(_params(tmp_path, {"sourcez": []}))
-    assert dl.run(dl.argparse.Namespace(params=str(_params(tmp_path, {"sources": ["nope"]})), sources=None,
+    assert dl.run(dl.argparse.Namespace(params=str(_params(tmp_path, {"sources": {"nope": {}}})), sources=None,
                                         list=False)) == 1
 
 
 def test_builtin_sources(tmp_path):
-    cfg = {"sources": ["builtin-images", "builtin-videos"], "seed": 1,
-           "builtin_images": {"count": 4, "size": 48},
-           "builtin_videos": {"height": 48, "width": 48, "frames": 5, "train_sequences": 1, "val_sequences": 2}}
+    images = {"seed": 1, "count": 4, "size": 48}
+    videos = {"seed": 1, "height": 48, "width": 48, "frames": 5, "train_sequences": 1, "val_sequences": 2}
+    cfg = {"sources": {"builtin-images": images, "builtin-videos": videos}}
     params = _params(tmp_path, cfg)
     assert dl.run_download(params) == ["builtin-images", "builtin-videos"]
     raw = tmp_path / "data/raw"
@@ -274,8 +274,27 @@ def test_builtin_sources(tmp_path):
     marker = json.loads((raw / "builtin-videos" / dl.MARKER).read_text())
     assert marker["kind"] == "builtin" and marker["seed"] == 1
     assert dl.run_download(params) == []
-    cfg["seed"] = 2  # params changed: rebuilt
-    assert dl.run_download(_params(tmp_path, cfg)) == ["builtin-images", "builtin-videos"]
+    videos["seed"] = 2  # one source's params changed: only that source is rebuilt
+    assert dl.run_download(_params(tmp_path, cfg)) == ["builtin-videos"]
+
+
+def test_each_source_reads_only_its_own_entry(tmp_path, monkeypatch):
+    """`stm download --source X` (stage download@X) reads download.root and download.sources.X and no
+    other source's settings: what dvc.yaml declares for it."""
+    from pipeline.params import READS_ENV, load_params
+
+    reads_file = tmp_path / "reads.jsonl"
+    monkeypatch.setenv(READS_ENV, str(reads_file))
+    params = load_params(_params(tmp_path, {"root": "data/raw", "sources": {"builtin-images": {"count": 2}, "davis-2017": {}}}))
+    common, chosen = dl.read_params(params, ["builtin-images"])
+    assert list(chosen) == ["builtin-images"] and chosen["builtin-images"].count == 2
+    reads = {r for r in params._sink if not r.endswith(".*")}  # noqa: SLF001 - the recorder's own set
+    assert "download.sources.builtin-images.count" in reads and "download.root" in reads
+    assert not any(r.startswith("download.sources.davis-2017") for r in reads)
+    with pytest.raises(dl.ParamsError, match=r"download\.sources: no entry for \['coco-2017'\]"):
+        dl.read_params(params, ["coco-2017"])
+    with pytest.raises(dl.ParamsError, match=r"download\.sources\.builtin-images: unknown key"):
+        dl.read_params(load_params(_params(tmp_path, {"sources": {"builtin-images": {"cnt": 2}}})))
 
 
 def test_preparers(tmp_path):

@@ -192,6 +192,48 @@ def test_youtube_vos_layout_with_an_object_entering_mid_video(tmp_path):
     assert result.memory_entries == 0 and 0 < result.scores.J.mean() < 1
 
 
+def test_summary_labels_survive_memory_size_changes():
+    from pipeline.evaluate.outputs import short_label, summary_json
+
+    assert [short_label(n) for n in ("copy-first", "stm-first-previous", "stm-every-5", "stm-fifo-8",
+                                     "strmn-recurrent-3-C", "strmn-recurrent-i2m-4")] == [
+        "copy-first", "stm-first-previous", "stm-every", "stm-fifo", "strmn-C", "strmn-i2m"]
+    rng = np.random.default_rng(0)
+    gt = [(rng.random((16, 16)) > 0.5).astype(np.uint8) for _ in range(4)]
+    two = [summarize_variant(n, [_result(n, "a", gt, gt, 0.5)]) for n in ("stm-every-5", "stm-every-2")]
+    summary = summary_json(two)  # two every:N variants: a shared label would hide one, so full names
+    assert list(summary["JF"]) == ["stm-every-5", "stm-every-2"] and summary["JF"]["stm-every-5"] == 100.0
+    assert summary["FPS"]["stm-every-2"] == pytest.approx(8.0)
+
+
+def test_report_reads_only_the_evaluation_outputs(tmp_path, capsys):
+    """`stm report` from results/evaluation.json + plots/evaluate_variants.csv: no MLflow store, no
+    params; a record that names no reachable MLflow run only warns; missing inputs are clear errors."""
+    from pipeline.cli import main
+
+    rng = np.random.default_rng(0)
+    gt = [(rng.random((16, 16)) > 0.5).astype(np.uint8) for _ in range(4)]
+    names = ["copy-first", "stm-every-5"]
+    summaries = [summarize_variant(n, [_result(n, "a", gt, gt, 0.5)]) for n in names]
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots/evaluate_variants.csv").write_bytes(variants_table(summaries))
+    record = {"parent_run_id": "abc", "tracking_uri": "", "experiment": "x", "dataset": "bench", "split": "val",
+              "sequences": ["a"], "training_data": {"stm": "davis videos"},
+              "variants": [{"name": "copy-first", "model": "none", "policy": "copy-first"},
+                           {"name": "stm-every-5", "model": "stm", "policy": "every:5"}]}
+    (tmp_path / "evaluation.json").write_text(json.dumps(record))
+    args = ["report", "--evaluation", str(tmp_path / "evaluation.json"), "--variants",
+            str(tmp_path / "plots/evaluate_variants.csv"), "--out", str(tmp_path / "r/ablation.md"),
+            "--chart", str(tmp_path / "r/ablation.png")]
+    assert main(args) == 0
+    text = (tmp_path / "r/ablation.md").read_text()
+    assert "| Every 5 frames | 100.0 |" in text and "davis videos" in text
+    assert "warning: the evaluation record names no MLflow run" in capsys.readouterr().err
+    (tmp_path / "evaluation.json").unlink()
+    assert main(args) == 2
+    assert "evaluation.json: not found; run `stm evaluate`" in capsys.readouterr().err
+
+
 def test_report_tables_follow_the_papers_layout():
     from pipeline.report.ablation import (
         STM_DAVIS_ONLY,
@@ -328,14 +370,21 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert main(["evaluate", "--params", "params.yaml"]) == 0
-        assert main(["report", "--params", "params.yaml"]) == 0
+        assert main(["report"]) == 0
     finally:
         ray.shutdown()
+    first = Path("reports/ablation.md").read_bytes(), Path("reports/ablation.png").read_bytes()
+    assert main(["report"]) == 0  # the same inputs give the same report
+    assert (Path("reports/ablation.md").read_bytes(), Path("reports/ablation.png").read_bytes()) == first
 
     expected = ["copy-first", "stm-first", "stm-every-2"] + (
         ["strmn-recurrent-3-A", "strmn-recurrent-3-C"] if HAS_STRMN else [])
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert list(metrics) == expected
+    summary = json.loads(Path("metrics/summary.json").read_text())
+    labels = ["copy-first", "stm-first", "stm-every"] + (["strmn-A", "strmn-C"] if HAS_STRMN else [])
+    assert list(summary) == ["JF", "FPS"] and list(summary["JF"]) == labels == list(summary["FPS"])
+    assert summary["JF"]["stm-every"] == round(100 * metrics["stm-every-2"]["JF_mean"], 1)
     gt_dir = data / "Annotations" / "480p"
     direct = {}
     for name in expected:

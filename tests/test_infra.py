@@ -7,9 +7,11 @@ before it touches a cloud), so a schema error fails here, not at 2 a.m. on a GPU
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -272,42 +274,32 @@ def test_mlflow_k8s_deployment_and_service():
         assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim for v in volumes.values())
 
 
-def load_pipeline_state():
-    import importlib.util
+def test_stage_order_runs_dependencies_first(tmp_path):
+    """dvc.yaml lists evaluate first; the cluster job needs dependency order (and a stage's upstream)."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  last: {cmd: cat b > c, deps: [b], outs: [c]}\n"
+        "  first: {cmd: echo > a, outs: [a]}\n"
+        "  middle: {cmd: cat a > b, deps: [a], outs: [b]}\n"
+        "  other: {cmd: echo > o, outs: [o]}\n")
+    order = subprocess.run([sys.executable, str(INFRA / "dvc_stages.py"), "order"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(order) == ["first", "last", "middle", "other"]
+    assert order.index("first") < order.index("middle") < order.index("last")
+    some = subprocess.run([sys.executable, str(INFRA / "dvc_stages.py"), "order", "middle"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert some == ["first", "middle"]
+    bad = subprocess.run([sys.executable, str(INFRA / "dvc_stages.py"), "order", "nope"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "no stage 'nope'" in bad.stderr
 
-    spec = importlib.util.spec_from_file_location("pipeline_state", INFRA / "pipeline_state.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-def test_pipeline_state_url_and_missing_state(tmp_path):
-    state = load_pipeline_state()
-    assert state.state_url("s3://bucket/stm/dvc/", "params-paper") == "s3://bucket/stm/dvc/stm-state/params-paper.tar.gz"
-    with pytest.raises(ValueError, match="plain file name"):
-        state.state_url("s3://bucket", "../x")
-    assert state.restore(str(tmp_path / "remote"), "params", root=tmp_path) == []  # first run: nothing saved
-
-
-def test_pipeline_state_restore_refuses_paths_outside_the_repo(tmp_path):
-    import io
-    import tarfile
-
-    state = load_pipeline_state()
-    archive = tmp_path / "remote" / "stm-state" / "evil.tar.gz"
-    archive.parent.mkdir(parents=True)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        data = b"pwned"
-        info = tarfile.TarInfo("../outside.txt")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    archive.write_bytes(buffer.getvalue())
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    with pytest.raises(RuntimeError, match="evil.tar.gz"):
-        state.restore(str(tmp_path / "remote"), "evil", root=repo)
-    assert not (tmp_path / "outside.txt").exists()
+def test_cluster_remote_is_named_in_the_dvc_config():
+    config = (REPO / ".dvc" / "config").read_text()
+    assert "['remote \"cluster\"']" in config and "url = s3://" in config
 
 
 def test_run_pipeline_refuses_a_missing_params_file(tmp_path):
@@ -321,7 +313,7 @@ def test_infra_readme_documents_every_file():
     text = (INFRA / "README.md").read_text()
     for name in ("cluster-aws.yaml", "cluster-gcp.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
                  "Dockerfile", "mlflow/start-server.sh", "mlflow/mlflow-k8s.yaml", "run-pipeline.sh",
-                 "pipeline_state.py"):
+                 "dvc_stages.py"):
         assert name in text, f"infra/README.md does not mention {name}"
     for command in ("ray up infra/cluster-aws.yaml", "ray job submit", "--working-dir .",
                     "kubectl apply -f infra/kuberay/rayjob.yaml", "MLFLOW_TRACKING_URI"):

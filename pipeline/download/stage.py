@@ -3,7 +3,7 @@
 Three kinds of source: `builtin` (generated offline from scikit-image's sample images, seeded),
 remote ones from `pipeline.download.registry` (`stm download --list`: official URLs, checked against
 published checksums where there are any), and `local` ones (a folder, an archive or a file://
-URL, given in `download.overrides.<name>.path`; datasets behind a login, such as YouTube-VOS,
+URL, given in `download.sources.<name>.path`; datasets behind a login, such as YouTube-VOS,
 come this way).
 Each source is built in a temp folder next to its target and renamed into place with a
 `.complete` marker only when whole, so a failed or corrupt download never looks finished; an
@@ -13,6 +13,7 @@ up-to-date source is skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 from pipeline.download.fetch import DownloadError, copy_tree, extract, fetch
 from pipeline.download.prepare import prepare
 from pipeline.download.registry import REGISTRY, RemoteFile, Source
-from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params, section
+from pipeline.params import DEFAULT_PARAMS, ParamsError, from_dict, load_params
 from pipeline.tracking import workspace_root
 from stm_core.data.builtin import BuiltinImagesConfig, write_builtin_images
 from stm_core.data.builtin_videos import BuiltinVideosConfig, write_builtin_videos
@@ -35,7 +36,7 @@ MARKER = ".complete"
 
 @dataclass
 class SourceOverride:
-    """Per-source settings (`download.overrides.<name>`)."""
+    """Settings of a registry or local source (`download.sources.<name>`; `{}`: as published)."""
 
     path: str = ""  # local folder, archive or file:// URL to use instead of downloading
     url: str = ""  # a mirror to download from instead of the official URL (single-file sources)
@@ -44,19 +45,63 @@ class SourceOverride:
 
 
 @dataclass
-class DownloadParams:
-    """params.yaml section `download`."""
+class BuiltinImagesSource(BuiltinImagesConfig):
+    """`download.sources.builtin-images`: the generator's settings and its seed."""
 
-    sources: list[str] = field(default_factory=lambda: ["builtin-images", "builtin-videos"])  # what to fetch
+    seed: int = 0  # seed of the generated images
+
+
+@dataclass
+class BuiltinVideosSource(BuiltinVideosConfig):
+    """`download.sources.builtin-videos`: the generator's settings and its seed."""
+
+    seed: int = 0  # seed of the generated videos
+
+
+BUILTIN: dict[str, type] = {"builtin-images": BuiltinImagesSource, "builtin-videos": BuiltinVideosSource}
+
+
+@dataclass
+class DownloadParams:
+    """params.yaml section `download`. Each `download@<name>` stage reads `root` and its own
+    `sources.<name>` only (so adding a source re-runs no other); the other keys only say where
+    archives go and how hard to retry, which never changes a dataset (pipeline.params.PLACEMENT_KEYS)."""
+
+    sources: dict[str, dict] = field(default_factory=lambda: {"builtin-images": {}, "builtin-videos": {}})  # name -> settings
     root: str = "data/raw"  # each source lands in <root>/<name>/
     cache: str = "data/downloads"  # downloaded archives (kept for resuming and re-extraction)
     keep_archives: bool = True  # keep archives in the cache after extraction
     retries: int = 4  # retries per file, with exponential backoff
     timeout: float = 60.0  # seconds without data before a retry
-    seed: int = 0  # seed of the built-in datasets
-    builtin_images: BuiltinImagesConfig = field(default_factory=BuiltinImagesConfig)  # builtin-images source
-    builtin_videos: BuiltinVideosConfig = field(default_factory=BuiltinVideosConfig)  # builtin-videos source
-    overrides: dict[str, SourceOverride] = field(default_factory=dict)  # name -> local path / mirror / layout
+
+
+def read_params(params: dict, only: list[str] | None = None) -> tuple[DownloadParams, dict[str, object]]:
+    """-> (the common settings, {source name: its settings}) for `only` (default: every source),
+    reading no other source's entry."""
+    where = f"{params.get('__file__', DEFAULT_PARAMS)}: download"
+    raw = params.get("download")
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {raw!r}")
+    known = {f.name for f in dataclasses.fields(DownloadParams)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    common = from_dict(DownloadParams, {k: raw[k] for k in known - {"sources"} if k in raw}, where)
+    sources = raw["sources"] if "sources" in raw else common.sources
+    if not isinstance(sources, dict):
+        raise ParamsError(f"{where}.sources: expected a mapping of source name -> settings ({{}} for none), "
+                          f"got {sources!r}")
+    names = only or list(sources)
+    missing = [n for n in names if n not in sources]
+    if missing:
+        raise ParamsError(f"{where}.sources: no entry for {missing}; add `<name>: {{}}` under download.sources")
+    chosen = {}
+    for name in names:
+        entry = sources[name]
+        entry = {} if entry is None else entry
+        chosen[name] = from_dict(BUILTIN.get(name, SourceOverride), entry, f"{where}.sources.{name}")
+    return common, chosen
 
 
 def marker_for(name: str, kind: str, details: dict) -> dict:
@@ -130,7 +175,7 @@ def fetch_remote(source: Source, p: DownloadParams, override: SourceOverride, ca
     files = list(source.files)
     if override.url:
         if len(files) != 1:
-            raise ParamsError(f"download.overrides.{source.name}.url: {source.name} has {len(files)} files; "
+            raise ParamsError(f"download.sources.{source.name}.url: {source.name} has {len(files)} files; "
                               f"a mirror URL replaces one file only (use `path` with a local copy instead)")
         f = files[0]
         files = [RemoteFile(override.url, f.filename, f.size, f.md5, f.sha256)]
@@ -156,47 +201,45 @@ def fetch_remote(source: Source, p: DownloadParams, override: SourceOverride, ca
     return done
 
 
-def fetch_builtin(name: str, p: DownloadParams, target: Path) -> bool:
-    if name == "builtin-images":
-        cfg, write = p.builtin_images, write_builtin_images
-    else:
-        cfg, write = p.builtin_videos, write_builtin_videos
-    marker = marker_for(name, "builtin", {"seed": p.seed, "config": asdict(cfg)})
-    return build_into(target, marker, lambda tmp: write(tmp, cfg, p.seed))
+def fetch_builtin(name: str, cfg: BuiltinImagesSource | BuiltinVideosSource, target: Path) -> bool:
+    write = write_builtin_images if name == "builtin-images" else write_builtin_videos
+    base = BuiltinImagesConfig if name == "builtin-images" else BuiltinVideosConfig
+    config = base(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(base)})
+    marker = marker_for(name, "builtin", {"seed": cfg.seed, "config": asdict(config)})
+    return build_into(target, marker, lambda tmp: write(tmp, config, cfg.seed))
 
 
-def fetch_source(name: str, p: DownloadParams, root: Path) -> bool:
+def fetch_source(name: str, p: DownloadParams, settings: object, root: Path) -> bool:
     """Make `<root>/<download.root>/<name>` complete; True when something was (re)built."""
     raw, cache = _local_path(p.root, root), _local_path(p.cache, root)
     target = raw / name
-    override = p.overrides.get(name, SourceOverride())
-    if name in ("builtin-images", "builtin-videos"):
-        return fetch_builtin(name, p, target)
+    if name in BUILTIN:
+        return fetch_builtin(name, settings, target)  # type: ignore[arg-type]
+    override = settings if isinstance(settings, SourceOverride) else SourceOverride()
     source = REGISTRY.get(name)
     if override.path:
         layout = override.layout or (source.layout if source else "")
         if not layout:
-            raise ParamsError(f"download.overrides.{name}.layout: say how {name!r} is laid out "
+            raise ParamsError(f"download.sources.{name}.layout: say how {name!r} is laid out "
                               f"(davis, youtube-vos, images, saliency, voc, sbd, coco or raw)")
         return fetch_local(name, _local_path(override.path, root), layout, target)
     if source is None:
-        known = sorted([*REGISTRY, "builtin-images", "builtin-videos"])
+        known = sorted([*REGISTRY, *BUILTIN])
         raise ParamsError(f"download.sources: unknown source {name!r}; known: {known}, or give "
-                          f"download.overrides.{name}.path for a local one")
+                          f"download.sources.{name}.path for a local one")
     if not source.files:  # behind a login: only a local copy will do
-        raise DownloadError(f"{name}: {source.instructions} Then set download.overrides.{name}.path in "
+        raise DownloadError(f"{name}: {source.instructions} Then set download.sources.{name}.path in "
                             f"params.yaml to the downloaded archive or its extracted folder.")
     return fetch_remote(source, p, override, cache, target)
 
 
 def run_download(params_file: str | Path, only: list[str] | None = None) -> list[str]:
-    params = load_params(params_file)
-    p = section(params, "download", DownloadParams)
+    p, chosen = read_params(load_params(params_file), only)
     root = workspace_root(params_file)  # inputs and outputs: the temp copy under a queued experiment
     built = []
-    for name in only or p.sources:
+    for name, settings in chosen.items():
         print(f"download: {name} ...", file=sys.stderr)
-        changed = fetch_source(name, p, root)
+        changed = fetch_source(name, p, settings, root)
         print(f"download: {name}: {'done' if changed else 'up to date'} ({_local_path(p.root, root) / name})",
               file=sys.stderr)
         if changed:
@@ -213,7 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
-        for name in ("builtin-images", "builtin-videos"):
+        for name in BUILTIN:
             print(f"{name:28s} built-in, offline (scikit-image sample images)")
         for s in REGISTRY.values():
             print(f"{s.name:28s} {s.layout:12s} {s.size_hint:>9s}  {s.homepage}")

@@ -38,6 +38,7 @@ METRICS = (*SCORE_NAMES.values(), "fps", "ms_per_frame", "peak_memory_mb", "memo
 # metrics/evaluate.json keeps the issue's list (dvc exp show gets one column per variant x metric)
 DVC_METRICS = (*SCORE_NAMES.values(), "fps", "peak_memory_mb", "memory_entries")
 MB = 2 ** 20
+SUMMARY_FILE = "summary.json"  # beside metrics/evaluate.json: the headline `dvc exp show` leads with
 
 
 @dataclass
@@ -69,6 +70,28 @@ def summarize_variant(name: str, results: Sequence[SequenceResult]) -> VariantSu
 def metrics_json(summaries: Sequence[VariantSummary], keys: Sequence[str] = METRICS) -> dict[str, dict[str, float | None]]:
     """{variant: {metric: value}}: two levels, so `dvc metrics show` lists `stm-every-5.JF_mean`."""
     return {s.name: {k: _clean(s.metrics[k]) for k in keys} for s in summaries}
+
+
+def short_label(name: str) -> str:
+    """A column name that stays put when only memory sizes change: the variant name without its
+    numbers and the `recurrent` of STRMN policies (stm-every-5 -> stm-every, strmn-recurrent-3-C -> strmn-C).
+    So `dvc exp show` compares `-S memory.slots=5` with the baseline in the same column."""
+    parts = [p for p in name.split("-") if not p.isdigit() and p != "recurrent"]
+    return "-".join(parts) or name
+
+
+def summary_json(summaries: Sequence[VariantSummary]) -> dict[str, dict[str, float | None]]:
+    """metrics/summary.json: {"JF": {label: J&F x100}, "FPS": {label: fps}}, one decimal, labels from
+    `short_label` (the full name where two variants would share one)."""
+    labels = [short_label(s.name) for s in summaries]
+    labels = [label if labels.count(label) == 1 else s.name for label, s in zip(labels, summaries)]
+
+    def rounded(value: float, scale: float) -> float | None:
+        value = _clean(value)
+        return None if value is None else round(scale * value, 1)
+
+    return {"JF": {label: rounded(s.metrics["JF_mean"], 100) for label, s in zip(labels, summaries)},
+            "FPS": {label: rounded(s.metrics["fps"], 1) for label, s in zip(labels, summaries)}}
 
 
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[object]]) -> bytes:
@@ -121,13 +144,15 @@ def sequence_table(summary: VariantSummary) -> bytes:
 
 
 def write_dvc_outputs(summaries: Sequence[VariantSummary], metrics_path: Path, plots_dir: Path) -> list[Path]:
-    """metrics/evaluate.json and the two plot files, each written atomically."""
+    """metrics/summary.json, metrics/evaluate.json and the two plot files, each written atomically."""
     variants_csv = plots_dir / "evaluate_variants.csv"
     frames_csv = plots_dir / "evaluate_j_per_frame.csv"
+    summary_path = metrics_path.with_name(SUMMARY_FILE)
     atomic_write_bytes(variants_csv, variants_table(summaries))
     atomic_write_bytes(frames_csv, j_per_frame_table(summaries))
+    write_json_atomic(summary_path, summary_json(summaries))
     write_json_atomic(metrics_path, metrics_json(summaries, DVC_METRICS))  # last: its presence means the rest is there
-    return [metrics_path, variants_csv, frames_csv]
+    return [summary_path, metrics_path, variants_csv, frames_csv]
 
 
 # ----------------------------------------------------------------------------- result folders

@@ -304,6 +304,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
         _log_parent(uri, parent_id, summaries, written)
         info = {"parent_run_id": parent_id, "experiment": mlflow_p.experiment, "tracking_uri": uri,
                 "children": children, "dataset": p.dataset, "split": p.split,
+                "training_data": {kind: checkpoint_training_data(data) for kind, (_, data) in models.items()},
                 "sequences": [v.name for v in videos], "variants": [asdict(v) for v in variants],
                 "checkpoint_loads": loads}  # per actor: sha256 -> loads (1 each: models load once per worker)
         write_json_atomic(results_dir / "evaluation.json", info)

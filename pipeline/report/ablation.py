@@ -1,21 +1,24 @@
-"""The ablation tables and chart of `stm report`, built from MLflow's search_runs DataFrames.
+"""The ablation tables and chart of `stm report`, built from the evaluation's own outputs.
 
 Scores are shown x100 with one decimal, as in the papers; time is seconds per frame (STM Table 5).
+Nothing here reads a clock, MLflow or git: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
 
-import ast
+import csv
+import io
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.evaluate.outputs import METRICS
 from stm_core.data.io import atomic_write_bytes
+
+# the columns of plots/evaluate_variants.csv (pipeline.evaluate.outputs.METRICS) the report shows
+METRICS = ("JF_mean", "J_mean", "J_recall", "J_decay", "F_mean", "F_recall", "F_decay", "fps", "ms_per_frame",
+           "peak_memory_mb", "memory_entries", "memory_mb")
 
 
 class ReportError(RuntimeError):
@@ -67,31 +70,26 @@ def _value(x) -> float | None:
     return None if math.isnan(x) else x
 
 
-def variant_order(parent) -> list[str]:
-    """The evaluation's variant names in params order (logged as the parent's `variant_names`)."""
-    try:
-        names = ast.literal_eval(str(parent.get("params.variant_names", "[]")))
-    except (ValueError, SyntaxError):
-        return []
-    return [str(n) for n in names] if isinstance(names, list) else []
-
-
-def rows_from_runs(children, order: list[str] | None = None) -> list[Row]:
-    """One Row per child run (variant) of the DataFrame from mlflow.search_runs, in `order`."""
+def rows_from_outputs(evaluation: dict, variants_csv: str, where: str = "") -> list[Row]:
+    """One Row per variant: its kind and policy from results/evaluation.json (`variants`, in params
+    order, and `training_data` per model kind), its scores from plots/evaluate_variants.csv."""
+    table = {r.get("variant", ""): r for r in csv.DictReader(io.StringIO(variants_csv))}
+    missing_columns = [k for k in METRICS if table and k not in next(iter(table.values()))]
+    if missing_columns:
+        raise ReportError(f"{where or 'variants table'}: no column(s) {missing_columns}; re-run `stm evaluate`")
+    training = evaluation.get("training_data") or {}
     rows = []
-    for _, run in children.iterrows():
-        def get(key: str, run=run) -> str:  # absent params/tags come back as NaN
-            value = run.get(key)
-            return value if isinstance(value, str) else ""
-        name = get("tags.stm_variant") or get("params.variant")
-        if not name:
-            continue
-        rows.append(Row(name, get("params.model"), get("params.policy"), get("params.family"), get("params.rule"),
-                        {k: _value(run.get(f"metrics.{k}")) for k in METRICS}, get("params.training_data")))
+    for v in evaluation.get("variants") or []:
+        name, policy = v["name"], v["policy"]
+        if name not in table:
+            raise ReportError(f"{where or 'variants table'}: no row for variant {name!r}; re-run `stm evaluate`")
+        parts = policy.split(":")
+        rule = parts[2] if parts[0] == "recurrent" and len(parts) == 3 else ""
+        rows.append(Row(name, v["model"], policy, parts[0], rule, {k: _value(table[name][k]) for k in METRICS},
+                        str(training.get(v["model"], ""))))
     if not rows:
-        raise ReportError("the evaluation's child runs carry no variant tags (stm_variant)")
-    rank = {name: i for i, name in enumerate(order or [])}
-    return sorted(rows, key=lambda r: (rank.get(r.variant, len(rank)), r.variant))
+        raise ReportError("results/evaluation.json names no variant; re-run `stm evaluate`")
+    return rows
 
 
 def stm_rows(rows: list[Row]) -> list[Row]:
@@ -212,38 +210,17 @@ def all_table(rows: list[Row]) -> list[str]:
                    "Peak memory (MB)", "Memory entries", "Memory (MB)"], body)
 
 
-def history_table(recent, current_id: str, order: list[str]) -> list[str]:
-    """Recent evaluations side by side: memory settings and J&F of each variant."""
-    names = {m.group(1) for c in recent.columns if (m := re.match(r"^metrics\.(.+)\.JF_mean$", c))}
-    columns = [n for n in order if n in names] + sorted(names - set(order))
-    settings = ["memory.every", "memory.fifo", "memory.slots", "memory.top_k"]
-    body = []
-    for _, run in recent.iterrows():
-        start = run.get("start_time")
-        when = start.strftime("%Y-%m-%d %H:%M") if hasattr(start, "strftime") else str(start)
-        rid = str(run["run_id"])
-        exp = run.get("tags.dvc_experiment")
-        body.append([when, f"`{rid[:8]}`" + (" (this)" if rid == current_id else ""),
-                     exp if isinstance(exp, str) else "",
-                     *(str(run.get(f"params.{s}", "")) if isinstance(run.get(f"params.{s}"), str) else "" for s in settings),
-                     *(pct(_value(run.get(f"metrics.{n}.JF_mean"))) for n in columns)])
-    return _table(["Started (UTC)", "Run", "DVC exp", *settings, *(f"{n} J&F" for n in columns)], body)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def render_markdown(out: Path, parent, rows: list[Row], recent, chart: Path, experiment: str = "") -> None:
-    p = lambda key: parent.get(f"params.{key}", "")  # noqa: E731
-    rid = str(parent["run_id"])
-    commit = parent.get("tags.git_commit", "")
+def render_markdown(out: Path, evaluation: dict, rows: list[Row], chart: Path) -> None:
+    n_seq = len(evaluation.get("sequences") or [])
     lines = [
         "# Memory ablation",
         "",
-        f"Benchmark `{p('evaluate.dataset')}` split `{p('evaluate.split')}`, {p('n_sequences')} sequences, "
-        f"device `{p('evaluate.device')}`; MLflow parent run `{rid}` (experiment `{experiment or parent.get('experiment_id', '')}`), "
-        f"git `{str(commit)[:10]}`, written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC.",
+        f"Benchmark `{evaluation.get('dataset', '')}` split `{evaluation.get('split', '')}`, {n_seq} sequences; "
+        f"MLflow parent run `{evaluation.get('parent_run_id', '')}` (experiment `{evaluation.get('experiment', '')}`).",
         "",
         "Scores are the DAVIS-2017 semi-supervised measures (x100; first and last frames not scored; "
         "mean over all objects). Time is seconds per frame of segmentation alone, measured while the "
@@ -266,9 +243,7 @@ def render_markdown(out: Path, parent, rows: list[Row], recent, chart: Path, exp
         "",
         *all_table(rows),
         "",
-        "## Recent evaluations side by side",
-        "",
-        *history_table(recent, rid, [r.variant for r in rows]),
+        "Other evaluations side by side: `dvc exp show` (see the README); each run's tables also sit in MLflow.",
         "",
         f"![ablation chart]({os.path.relpath(chart, out.parent)})",
         "",

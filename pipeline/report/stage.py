@@ -1,11 +1,13 @@
-"""Write the ablation report (reports/ablation.md + .png) from the evaluation runs in MLflow.
+"""Write the ablation report (reports/ablation.md + .png) from the evaluation's own outputs.
 
-`stm report [--params params.yaml] [--run-id ID]`. Reads the parent evaluation run named in
-results/evaluation.json (written by `stm evaluate`; else the latest finished one, or --run-id) and
-its child runs with `mlflow.search_runs`, and writes two tables in the papers' layout: STM Table 5
-(memory frames vs J&F, J, F and time per frame) and STRMN Table 4 (update rule vs J, F, mean),
-both with memory size and the copy-first baseline, then every variant's full scores and the
-recent evaluations side by side. The chart and the markdown are logged to the parent run too.
+`stm report [--evaluation results/evaluation.json] [--variants plots/evaluate_variants.csv]`. Reads
+only what `stm evaluate` wrote and DVC declares as this stage's inputs: the record of the
+evaluation (its variants in params order, their models' training data, the MLflow parent run) and
+the per-variant scores table. It writes two tables in the papers' layout: STM Table 5 (memory
+frames vs J&F, J, F and time per frame) and STRMN Table 4 (update rule vs J, F, mean), both with
+memory size and the copy-first baseline, then every variant's full scores. The same inputs give
+the same bytes. Afterwards both files are attached to the evaluation's MLflow parent run (artifact
+folder `report`); that is a copy for browsing, and its failure only warns.
 """
 
 from __future__ import annotations
@@ -15,85 +17,63 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import tracking
-from pipeline.params import ParamsError, load_params, section
-from pipeline.report.ablation import ReportError, render_chart, render_markdown, rows_from_runs, variant_order
+from pipeline.report.ablation import ReportError, render_chart, render_markdown, rows_from_outputs
 
 
-def _search(experiment: str, filter_string: str, **kwargs):
-    import mlflow
-
-    return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string, **kwargs)
-
-
-def find_parent(experiment: str, run_id: str | None, evaluation_file: Path) -> str:
-    """--run-id, else the run named by results/evaluation.json, else the latest finished evaluation."""
-    if run_id:
-        return run_id
-    if evaluation_file.is_file():
-        try:
-            return json.loads(evaluation_file.read_text())["parent_run_id"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ReportError(f"{evaluation_file}: not an evaluation record ({err}); re-run `stm evaluate`") from err
-    runs = _search(experiment, "tags.stm_role = 'evaluation' and attributes.status = 'FINISHED'",
-                   order_by=["attributes.start_time DESC"], max_results=1)
-    if runs.empty:
-        raise ReportError(f"no finished evaluation run in MLflow experiment {experiment!r}; run `stm evaluate` first")
-    return str(runs.iloc[0]["run_id"])
+def read_inputs(evaluation_file: Path, variants_file: Path) -> tuple[dict, str]:
+    for path in (evaluation_file, variants_file):
+        if not path.is_file():
+            raise ReportError(f"{path}: not found; run `stm evaluate` (or `dvc repro evaluate`) first")
+    try:
+        evaluation = json.loads(evaluation_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{evaluation_file}: not valid JSON ({err}); re-run `stm evaluate`") from err
+    if not isinstance(evaluation, dict) or not isinstance(evaluation.get("variants"), list):
+        raise ReportError(f"{evaluation_file}: not an evaluation record (no `variants` list); re-run `stm evaluate`")
+    return evaluation, variants_file.read_text()
 
 
-def load_runs(experiment: str, parent_id: str, history: int):
-    """(parent row, children DataFrame, recent parents DataFrame) from MLflow."""
-    parent = _search(experiment, f"attributes.run_id = '{parent_id}'")
-    if parent.empty:
-        raise ReportError(f"evaluation run {parent_id} not found in MLflow experiment {experiment!r} "
-                          "(another tracking store? set MLFLOW_TRACKING_URI, or pass --run-id)")
-    children = _search(experiment, f"tags.mlflow.parentRunId = '{parent_id}'")
-    if children.empty:
-        raise ReportError(f"evaluation run {parent_id} has no variant runs (did `stm evaluate` fail?)")
-    recent = _search(experiment, "tags.stm_role = 'evaluation' and attributes.status = 'FINISHED'",
-                     order_by=["attributes.start_time DESC"], max_results=max(1, history))
-    return parent.iloc[0], children, recent
+def attach_to_mlflow(evaluation: dict, files: list[Path]) -> str | None:
+    """Log the report to the evaluation's parent run; returns a warning instead of failing."""
+    uri, run_id = evaluation.get("tracking_uri"), evaluation.get("parent_run_id")
+    if not uri or not run_id:
+        return "the evaluation record names no MLflow run"
+    try:
+        from pipeline import tracking
+
+        client = tracking.client(uri)
+        for path in files:
+            client.log_artifact(run_id, str(path), "report")
+    except Exception as err:  # noqa: BLE001 - MLflow is a copy for browsing; the report is written
+        return f"could not attach the report to MLflow run {run_id} at {uri}: {err}"
+    return None
 
 
-def log_to_parent(uri: str, parent_id: str, files: list[Path]) -> None:
-    client = tracking.client(uri)
-    for path in files:
-        client.log_artifact(parent_id, str(path), "report")
-
-
-def report(params_path: str | Path, run_id: str | None, evaluation_file: Path, out: Path, chart: Path,
-           history: int) -> tuple[str, Path, Path]:
-    import mlflow
-
-    params = load_params(params_path)
-    mlflow_p = section(params, "mlflow", tracking.MlflowParams)
-    uri = tracking.tracking_uri(tracking.project_root(params_path), mlflow_p.tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    parent_id = find_parent(mlflow_p.experiment, run_id, evaluation_file)
-    parent, children, recent = load_runs(mlflow_p.experiment, parent_id, history)
-    rows = rows_from_runs(children, variant_order(parent))
-    render_markdown(out, parent, rows, recent, chart, mlflow_p.experiment)
-    render_chart(chart, rows, title=f"{parent.get('params.evaluate.dataset', '')} ({parent.get('params.evaluate.split', '')})")
-    log_to_parent(uri, parent_id, [out, chart])
-    return parent_id, out, chart
+def report(evaluation_file: Path, variants_file: Path, out: Path, chart: Path) -> tuple[dict, str | None]:
+    evaluation, table = read_inputs(evaluation_file, variants_file)
+    rows = rows_from_outputs(evaluation, table, str(variants_file))
+    render_markdown(out, evaluation, rows, chart)
+    render_chart(chart, rows, title=f"{evaluation.get('dataset', '')} ({evaluation.get('split', '')})")
+    return evaluation, attach_to_mlflow(evaluation, [out, chart])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="params file (section mlflow)")
-    parser.add_argument("--run-id", default=None, help="parent evaluation run to report (default: see below)")
     parser.add_argument("--evaluation", type=Path, default=Path("results/evaluation.json"),
-                        help="record of the last `stm evaluate`, naming its parent run")
+                        help="record of the evaluation (written by `stm evaluate`)")
+    parser.add_argument("--variants", type=Path, default=Path("plots/evaluate_variants.csv"),
+                        help="per-variant scores (written by `stm evaluate`)")
     parser.add_argument("--out", type=Path, default=Path("reports/ablation.md"), help="markdown report")
     parser.add_argument("--chart", type=Path, default=Path("reports/ablation.png"), help="PNG chart")
-    parser.add_argument("--history", type=int, default=10, help="recent evaluations shown side by side")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        parent_id, out, chart = report(args.params, args.run_id, args.evaluation, args.out, args.chart, args.history)
-    except (ParamsError, ReportError) as err:
+        evaluation, warning = report(args.evaluation, args.variants, args.out, args.chart)
+    except ReportError as err:
         print(f"stm report: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out} and {chart} from MLflow run {parent_id}")
+    if warning:
+        print(f"stm report: warning: {warning}", file=sys.stderr)
+    print(f"wrote {args.out} and {args.chart} from {args.evaluation} and {args.variants} "
+          f"(MLflow run {evaluation.get('parent_run_id', '-')}, artifacts under report/)")
     return 0

@@ -104,16 +104,36 @@ def training_data(s: TrainSettings) -> str:
     return f"{before or init} + {this}"
 
 
+# What metrics/train-*.json keeps for `dvc exp show`: the few numbers a user compares. The full
+# summary (restarts, seconds, batch, ...) goes to the MLflow run as training_summary.json.
+DVC_TRAIN_METRICS = ("final_loss", "clips_per_s", "steps")
+
+
+def loss_curve_csv(curve: list) -> bytes:
+    """plots/train-*.csv: `step,loss`, one row per logged step (dvc plots: x=step, y=loss)."""
+    rows = "".join(f"{int(step)},{float(loss):.6g}\n" for step, loss in curve)
+    return f"step,loss\n{rows}".encode()
+
+
 def export(result_checkpoint, s: TrainSettings) -> dict:
-    """Final checkpoint -> models/.../model.pt (state dict + config, weights_only-safe) + metrics JSON."""
+    """Final checkpoint -> models/.../model.pt (state dict + config, weights_only-safe); returns the
+    training summary (its loss curve included)."""
     with result_checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
     network = STMNetwork(ModelConfig(**{**state["model_config"], "pretrained": "none"}))
     network.load_state_dict(state["model"])
     save_checkpoint(s.model_out, network, step=int(state["step"]), training_data=training_data(s))
-    atomic_json(s.metrics_out, metrics)
     return metrics
+
+
+def write_dvc_outputs(s: TrainSettings, summary: dict) -> None:
+    """The stage's small outputs: metrics (three numbers) and the loss curve, each atomic."""
+    from stm_core.data.io import atomic_write_bytes
+
+    atomic_write_bytes(s.plot_out, loss_curve_csv(summary.get("curve", [])))
+    atomic_json(s.metrics_out, {k: round(float(summary[k]), 6) if k != "steps" else int(summary[k])
+                                for k in DVC_TRAIN_METRICS})
 
 
 # ----------------------------------------------------------------- the stage
@@ -187,9 +207,10 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
             raise RuntimeError(f"training run {name} ended without a checkpoint (error: {result.error})")
         metrics = export(result.checkpoint, s)
         metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        atomic_json(s.metrics_out, metrics)
+        write_dvc_outputs(s, metrics)
         client = tracking.client(uri)
-        client.log_artifact(run_id, str(s.metrics_out))
+        client.log_dict(run_id, {k: v for k, v in metrics.items() if k != "curve"}, "training_summary.json")
+        client.log_artifact(run_id, str(s.plot_out))
         tracking.RunLogger(uri, run_id).metrics({"final_loss": metrics["final_loss"],
                                                  "train_clips_per_s": metrics["clips_per_s"]}, step=metrics["steps"])
         log.info("[train] done: %d steps, final loss %.4f, %.2f clips/s, %d restart(s); wrote %s and %s",

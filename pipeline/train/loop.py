@@ -211,7 +211,7 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.Adam(network.parameters(), lr=tp["lr"], weight_decay=tp["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    start, totals = 0, {"clips": 0, "seconds": 0.0, "loss": float("nan"), "restarts": 0, "resumed_from": 0}
+    start, totals = 0, {"clips": 0, "seconds": 0.0, "loss": float("nan"), "restarts": 0, "resumed_from": 0, "curve": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -219,7 +219,7 @@ def train_loop(config: dict) -> None:
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start, totals = state["step"], {**state["totals"], "restarts": state["totals"]["restarts"] + 1,
+        start, totals = state["step"], {"curve": [], **state["totals"], "restarts": state["totals"]["restarts"] + 1,
                                         "resumed_from": state["step"]}
         if len(state["rng"]) == world:
             set_rng_state(state["rng"][rank], rng)
@@ -269,6 +269,7 @@ def train_loop(config: dict) -> None:
         seconds = time.perf_counter() - interval_start
         clips = count * config["per_worker_batch"] * world
         totals.update(clips=totals["clips"] + clips, seconds=totals["seconds"] + seconds, loss=loss)
+        totals["curve"].append([done, loss])  # the loss curve travels in the checkpoint, so a resumed run keeps it
         metrics = {"step": done, "loss": loss, "lr": lr, "clips_per_s": clips_per_second(clips, seconds),
                    "max_skip": skip[0], "clips_seen": totals["clips"]}
         if rank == 0:
@@ -343,7 +344,8 @@ def write_state(folder: str, network: STMNetwork, optimizer, scaler, step: int, 
                "clips": totals["clips"], "train_seconds": round(totals["seconds"], 3),
                "clips_per_s": clips_per_second(totals["clips"], totals["seconds"]),
                "restarts": totals["restarts"], "resumed_from": totals["resumed_from"],
-               "global_batch": config["per_worker_batch"] * world, "workers": world}
+               "global_batch": config["per_worker_batch"] * world, "workers": world,
+               "curve": totals.get("curve", [])}
     (Path(folder) / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -109,6 +109,11 @@ class TrainSettings:
         return self.root / "metrics" / f"train-{self.stage}{suffix}.json"
 
     @property
+    def plot_out(self) -> Path:
+        """The loss per step, for `dvc plots` (beside MLflow's curve)."""
+        return self.root / "plots" / f"{self.metrics_out.stem}.csv"
+
+    @property
     def frames(self) -> int:
         if self.kind == "strmn":
             return self.strmn.pretrain_frames if self.stage == "pretrain" else self.strmn.main_frames
@@ -149,7 +154,8 @@ def settings(params_file: str | Path, stage: str, kind: str) -> TrainSettings:
     if "kind" in model_raw:
         raise ParamsError(f"{params_file}: model.kind is not a setting; choose the model with --model stm|strmn")
     model = section({**params, "model": model_raw}, "model", ModelConfig)
-    strmn = section(params, "strmn", StrmnParams)
+    # The STM stages neither read nor depend on `strmn` (dvc.yaml lists only what each stage reads).
+    strmn = section(params, "strmn", StrmnParams) if kind == "strmn" else StrmnParams()
     model = dataclasses.replace(model, kind=kind, **({"norm": strmn.norm} if kind == "strmn" else {}))
     name = "pretrain" if stage == "pretrain" else "train"
     seed = params.get("seed", 0)

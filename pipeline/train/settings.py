@@ -66,6 +66,9 @@ class StrmnParams:
     main_frames: int = 8  # frames per video clip in main training (the paper: 50)
     update: Literal["clip", "segment"] = "clip"  # one Adam step per clip batch, or per TBPTT segment (the paper)
     batch_size: int | None = None  # global batch of the STRMN stages (null: the stage's batch_size)
+    rules: list[str] = dataclasses.field(default_factory=lambda: ["C"])  # one main (fine-tuning) stage per rule (dvc foreach)
+    main_steps: int | None = None  # optimizer steps of each per-rule main stage (null: train.steps)
+    continuous: bool = False  # main clips are consecutive frames (no skip), as the paper's 50-frame clips
 
 
 @dataclass
@@ -94,6 +97,11 @@ class TrainSettings:
     root: Path  # workspace: data, models, metrics, checkpoints (DVC's temp copy in queued experiments)
     tracking_root: Path  # where the local MLflow store lives ($DVC_ROOT: the parent repository)
     params_file: Path
+    rule: str | None = None  # STRMN main stage of one rule (`--rule`): its own output folder
+
+    @property
+    def rule_suffix(self) -> str:
+        return f"-{self.rule}" if self.rule else ""
 
     @property
     def prefix(self) -> str:
@@ -101,12 +109,13 @@ class TrainSettings:
 
     @property
     def model_out(self) -> Path:
-        return self.root / "models" / f"{self.prefix}{self.stage}" / "model.pt"
+        rule = [self.rule] if self.rule else []
+        return self.root.joinpath("models", f"{self.prefix}{self.stage}", *rule, "model.pt")
 
     @property
     def metrics_out(self) -> Path:
         suffix = "-strmn" if self.kind == "strmn" else ""
-        return self.root / "metrics" / f"train-{self.stage}{suffix}.json"
+        return self.root / "metrics" / f"train-{self.stage}{suffix}{self.rule_suffix}.json"
 
     @property
     def frames(self) -> int:
@@ -141,7 +150,7 @@ def resolve(root: Path, path: str) -> Path:
     return p if p.is_absolute() else (root / p).resolve()
 
 
-def settings(params_file: str | Path, stage: str, kind: str) -> TrainSettings:
+def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = None) -> TrainSettings:
     if stage not in STAGES:
         raise ParamsError(f"unknown stage {stage!r}; choose one of {STAGES}")
     params = load_params(params_file)
@@ -155,9 +164,14 @@ def settings(params_file: str | Path, stage: str, kind: str) -> TrainSettings:
     seed = params.get("seed", 0)
     if not isinstance(seed, int):
         raise ParamsError(f"{params_file}: seed: expected an integer, got {seed!r}")
-    return TrainSettings(stage, kind, model, section(params, name, StageParams), strmn, section(params, "ray", RayParams),
+    stage_params = section(params, name, StageParams)
+    if rule is not None:
+        from pipeline.train.per_rule import apply_rule
+
+        strmn, stage_params = apply_rule(params_file, stage, kind, rule, strmn, stage_params)
+    return TrainSettings(stage, kind, model, stage_params, strmn, section(params, "ray", RayParams),
                          section(params, "mlflow", MlflowParams), seed, workspace_root(params_file),
-                         project_root(params_file), Path(params_file))
+                         project_root(params_file), Path(params_file), rule)
 
 
 def fingerprint(path: Path, limit: int = 50_000) -> str:

@@ -32,3 +32,21 @@ def apply_rule(params_file: str | Path, stage: str, kind: str, rule: str, strmn,
     if strmn.continuous:
         changes["max_skip"] = 0
     return strmn, dataclasses.replace(stage_params, **changes)
+
+
+def strmn_overrides(params_file: str | Path, section_name: str, strmn, stage_params):
+    """The STRMN stages' own learning rate (strmn.lr, both stages) and fine-tuning schedule
+    (strmn.lr_schedule, main only: pretraining validation on held-out images is not implemented), checked."""
+    from pipeline.train.schedule import check_stage
+
+    schedule = strmn.lr_schedule if section_name == "train" else None
+    changes = {k: v for k, v in (("lr", strmn.lr), ("lr_schedule", schedule)) if v is not None}
+    if changes.get("lr_schedule") not in (None, "constant", "cosine", "plateau"):
+        raise ParamsError(f"{params_file}: strmn.lr_schedule must be null, constant, cosine or plateau, "
+                          f"got {changes['lr_schedule']!r}")
+    out = dataclasses.replace(stage_params, **changes)
+    try:
+        check_stage(out, f"{params_file}: {section_name} (STRMN)")
+    except ValueError as err:
+        raise ParamsError(str(err)) from err
+    return out

@@ -53,7 +53,7 @@ def test_every_key_line_has_a_comment(name: str):
 
 
 def test_unknown_keys_are_errors_naming_the_file(tmp_path: Path):
-    text = (REPO / "params.yaml").read_text().replace("  slots: 3  # STRMN K", "  slot: 3  # STRMN K", 1)
+    text = (REPO / "params.yaml").read_text().replace("  slots: 4  # STRMN K", "  slot: 4  # STRMN K", 1)
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError, match=r"params.yaml: memory: unknown key\(s\) \['slot'\]"):
         section(load_params(tmp_path / "params.yaml"), "memory", MemoryParams)

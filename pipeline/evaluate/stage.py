@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.evaluate import outputs
+from pipeline.evaluate.per_rule import checkpoint_path, model_key
 from pipeline.evaluate.variants import MemoryParams, Variant, parse_variants
 from pipeline.evaluate.worker import EvaluationWorker, SequencePayload, SequenceResult, sha256
 from pipeline.params import ParamsError, load_params, section
@@ -115,17 +116,18 @@ def checkpoint_training_data(data: bytes) -> str:
 
 
 def checkpoint_files(p: EvaluateParams, variants: list[Variant]) -> dict[str, tuple[Path, bytes]]:
-    """model kind -> (path, bytes) for the kinds the variants use; a missing file is an error naming it."""
+    """model key (stm, strmn, strmn@RULE) -> (path, bytes) for the variants; a missing file is an error naming it."""
     import torch
 
-    paths = {"stm": Path(p.stm_model), "strmn": Path(p.strmn_model)}
     out = {}
-    for kind in sorted({v.model for v in variants if v.model != "none"}):
-        users = ", ".join(v.name for v in variants if v.model == kind)
-        path = paths[kind]
+    for key in sorted({model_key(v, p.strmn_model) for v in variants if v.model != "none"}):
+        kind, _, rule = key.partition("@")
+        users = ", ".join(v.name for v in variants if model_key(v, p.strmn_model) == key)
+        path = checkpoint_path(key, p.stm_model, p.strmn_model)
         if not path.is_file():
+            hint = TRAIN_HINT[kind] + (f" --rule {rule}" if rule else "")
             raise CheckpointError(f"{path}: checkpoint not found (evaluate.{kind}_model, needed by {users}); "
-                                  f"train it with `{TRAIN_HINT[kind]}` or drop those variants from evaluate.variants")
+                                  f"train it with `{hint}` or drop those variants from evaluate.variants")
         data = path.read_bytes()
         try:
             found = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).get("kind")
@@ -133,7 +135,7 @@ def checkpoint_files(p: EvaluateParams, variants: list[Variant]) -> dict[str, tu
             raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
         if kind == "strmn" and found != "strmn":
             raise CheckpointError(f"{path}: a {found!r} checkpoint, but {users} need a STRMN model (kind 'strmn')")
-        out[kind] = (path, data)
+        out[key] = (path, data)
     return out
 
 
@@ -194,7 +196,7 @@ def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict
                     if seq.name not in payload_refs:
                         payload_refs[seq.name] = ray.put(payload(seq))
                     actor = idle.pop()
-                    ref = actor.run.remote(v, model_refs.get(v.model), payload_refs[seq.name])
+                    ref = actor.run.remote(v, model_refs.get(model_key(v, p.strmn_model)), payload_refs[seq.name])
                     pending[ref] = (v.name, seq.name, actor)
                 if not pending:
                     break
@@ -223,7 +225,7 @@ def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict
 # ----------------------------------------------------------------------------- MLflow
 
 def variant_params(v: Variant, p: EvaluateParams, memory: MemoryParams, models, n_seq: int) -> dict:
-    path, data = models.get(v.model, (None, b""))
+    path, data = models.get(model_key(v, p.strmn_model), (None, b""))
     return {"variant": v.name, "model": v.model, "policy": v.policy, "family": v.family,
             "rule": v.rule or "", "memory_size": v.size if v.size is not None else "",
             "checkpoint": str(path) if path else "", "checkpoint_sha256": sha256(data)[:16] if path else "",

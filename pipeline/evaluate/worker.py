@@ -26,6 +26,7 @@ from stm_core.inference import InferenceCore, memory_entries, probabilities_to_m
 from stm_core.metrics import MetricError, SequenceScores, evaluate_sequence
 from stm_core.model.checkpoint import load_checkpoint
 from stm_core.model.network import STMNetwork
+from stm_core.postprocess import remove_far_blobs
 
 SIZE_TOLERANCE = 2  # masks this many pixels off their frame's size are resized (as stm_core.data.video)
 
@@ -221,6 +222,8 @@ def _segment(network: STMNetwork, variant: Variant, payload: SequencePayload, gi
         probs = core.step(frame, mask)
         pred = probabilities_to_mask(probs, core.object_ids).cpu().numpy()  # syncs the device
         seconds += time.perf_counter() - start
+        if variant.postprocess and out and t not in given:  # STRMN's step: output only, memory untouched
+            pred = remove_far_blobs(pred, out[-1])
         if t in given:  # the annotation is exact where it speaks (as stm_core.inference.segment_video)
             pred = np.where(given[t] > 0, given[t], pred).astype(np.uint8)
         out.append(pred)

@@ -60,7 +60,7 @@ def mlflow_run(s: TrainSettings, uri: str, storage: str, name: str, params: dict
         return run_id, True
     tags = {**tracking.standard_tags(s.root, "pretrain" if s.stage == "pretrain" else "train"),
             "model": s.kind, "stage": s.stage, "ray_run": name}
-    run_id = tracking.create_run(uri, s.mlflow.experiment, f"train-{s.prefix}{s.stage}", params, tags)
+    run_id = tracking.create_run(uri, s.mlflow.experiment, f"train-{s.prefix}{s.stage}{s.rule_suffix}", params, tags)
     _write_text(storage, rel, run_id)
     return run_id, False
 

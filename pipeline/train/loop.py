@@ -32,6 +32,7 @@ from pipeline.train.data import (
     synthetic_clips,
     video_batches,
 )
+from pipeline.train.schedule import check_plateau, holdout, plateau_setup, split_holdout
 from stm_core.data.sampler import max_skip_schedule
 from stm_core.model.network import ModelConfig, STMNetwork
 from stm_core.training import UnrollOutput, unroll_stm
@@ -116,7 +117,8 @@ def data_batches(config: dict, rank: int, world: int, rng: np.random.Generator, 
     """Endless lists of prepared clips for this rank."""
     data, tp, batch = config["data"], config["train"], config["per_worker_batch"]
     if data["kind"] == "videos":
-        yield from video_batches(open_videos(data), config["frames"], batch, tp["crop"], tp["max_objects"], rng,
+        videos, _ = split_holdout(open_videos(data), holdout(tp))  # held out: plateau validation
+        yield from video_batches(videos, config["frames"], batch, tp["crop"], tp["max_objects"], rng,
                                  lambda: skip[0])
         return
     import ray.train
@@ -244,6 +246,7 @@ def train_loop(config: dict) -> None:
     fault = config.get("fault") or {}
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     train_step = make_train_step(model, network, optimizer, scaler, autocast, tp, config["strmn"], world)
+    plateau, val_batches = plateau_setup(config, device, totals)  # (None, []) unless lr_schedule: plateau
     model.train()
     for step in range(start, total):
         if fault and step == fault["step"] and rank == world - 1 and not os.path.exists(fault["marker"]):
@@ -253,11 +256,15 @@ def train_loop(config: dict) -> None:
         if device.type == "cuda":  # pinned host memory: the copies overlap the previous step's kernels
             batch = tuple(t.pin_memory() for t in batch)
         frames, masks, valid = (t.to(device, non_blocking=True) for t in batch)
-        lr = lr_at(step, tp)
+        lr = lr_at(step, tp) * (plateau.scale if plateau is not None else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         out = train_step(frames, masks, valid)
         loss_sum += out.loss.detach()
+        if plateau is not None and (step + 1) % tp["val_every"] == 0:
+            error = check_plateau(plateau, unroll, val_batches, totals)
+            if rank == 0:
+                print(f"[train] step {step + 1} validation loss {error:.4f} lr x{plateau.scale:g}", flush=True)
         count += 1
         done = step + 1
         if done % tp["log_every"] and done % tp["checkpoint_every"] and done != total:

@@ -29,7 +29,12 @@ class StageParams:
     steps: int = 100  # optimizer steps in the stage
     batch_size: int = 4  # global batch (clips per step), split evenly across Ray workers
     lr: float = 5e-4  # Adam learning rate (the paper: 1e-5 from ImageNet weights on GPUs)
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: fixed (paper) or cosine to 10%
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"  # after warm-up: fixed, cosine to 10%, or x0.1 on plateaus
+    val_every: int = 0  # (plateau) steps between validation checks
+    val_holdout: int = 0  # (plateau) last videos of the training split held out for validation (not trained on)
+    val_clips: int = 8  # (plateau) held-out clips per validation check (fixed)
+    plateau_factor: float = 0.1  # (plateau) learning-rate factor at each drop (the STRMN paper: 0.1)
+    plateau_patience: int = 0  # (plateau) checks without a decrease before a drop (the paper: 0)
     warmup_steps: int = 0  # linear learning-rate warm-up steps
     weight_decay: float = 0.0  # Adam weight decay
     grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
@@ -66,6 +71,11 @@ class StrmnParams:
     main_frames: int = 8  # frames per video clip in main training (the paper: 50)
     update: Literal["clip", "segment"] = "clip"  # one Adam step per clip batch, or per TBPTT segment (the paper)
     batch_size: int | None = None  # global batch of the STRMN stages (null: the stage's batch_size)
+    rules: list[str] = dataclasses.field(default_factory=lambda: ["C"])  # one main (fine-tuning) stage per rule (dvc foreach)
+    main_steps: int | None = None  # optimizer steps of each per-rule main stage (null: train.steps)
+    lr: float | None = None  # learning rate of the STRMN stages (null: the stage's lr; the paper: 1e-4)
+    lr_schedule: str | None = None  # schedule of the STRMN stages (null: the stage's; the paper: plateau)
+    continuous: bool = False  # main clips are consecutive frames (no skip), as the paper's 50-frame clips
 
 
 @dataclass
@@ -94,6 +104,11 @@ class TrainSettings:
     root: Path  # workspace: data, models, metrics, checkpoints (DVC's temp copy in queued experiments)
     tracking_root: Path  # where the local MLflow store lives ($DVC_ROOT: the parent repository)
     params_file: Path
+    rule: str | None = None  # STRMN main stage of one rule (`--rule`): its own output folder
+
+    @property
+    def rule_suffix(self) -> str:
+        return f"-{self.rule}" if self.rule else ""
 
     @property
     def prefix(self) -> str:
@@ -101,12 +116,13 @@ class TrainSettings:
 
     @property
     def model_out(self) -> Path:
-        return self.root / "models" / f"{self.prefix}{self.stage}" / "model.pt"
+        rule = [self.rule] if self.rule else []
+        return self.root.joinpath("models", f"{self.prefix}{self.stage}", *rule, "model.pt")
 
     @property
     def metrics_out(self) -> Path:
         suffix = "-strmn" if self.kind == "strmn" else ""
-        return self.root / "metrics" / f"train-{self.stage}{suffix}.json"
+        return self.root / "metrics" / f"train-{self.stage}{suffix}{self.rule_suffix}.json"
 
     @property
     def plot_out(self) -> Path:
@@ -146,7 +162,7 @@ def resolve(root: Path, path: str) -> Path:
     return p if p.is_absolute() else (root / p).resolve()
 
 
-def settings(params_file: str | Path, stage: str, kind: str) -> TrainSettings:
+def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = None) -> TrainSettings:
     if stage not in STAGES:
         raise ParamsError(f"unknown stage {stage!r}; choose one of {STAGES}")
     params = load_params(params_file)
@@ -161,9 +177,25 @@ def settings(params_file: str | Path, stage: str, kind: str) -> TrainSettings:
     seed = params.get("seed", 0)
     if not isinstance(seed, int):
         raise ParamsError(f"{params_file}: seed: expected an integer, got {seed!r}")
-    return TrainSettings(stage, kind, model, section(params, name, StageParams), strmn, section(params, "ray", RayParams),
+    stage_params = section(params, name, StageParams)
+    if kind == "strmn":
+        from pipeline.train.per_rule import strmn_overrides
+
+        stage_params = strmn_overrides(params_file, name, strmn, stage_params)
+    else:
+        from pipeline.train.schedule import check_stage
+
+        try:
+            check_stage(stage_params, f"{params_file}: {name}")
+        except ValueError as err:
+            raise ParamsError(str(err)) from err
+    if rule is not None:
+        from pipeline.train.per_rule import apply_rule
+
+        strmn, stage_params = apply_rule(params_file, stage, kind, rule, strmn, stage_params)
+    return TrainSettings(stage, kind, model, stage_params, strmn, section(params, "ray", RayParams),
                          section(params, "mlflow", MlflowParams), seed, workspace_root(params_file),
-                         project_root(params_file), Path(params_file))
+                         project_root(params_file), Path(params_file), rule)
 
 
 def fingerprint(path: Path, limit: int = 50_000) -> str:

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from stm_core.data.io import read_index_mask
 from stm_core.data.builtin_videos import BuiltinVideosConfig, write_builtin_videos
+from stm_core.data.io import read_index_mask
 
 HARD = BuiltinVideosConfig(height=96, width=96, frames=48, train_sequences=0, val_sequences=6,
                            object_size=[0.22, 0.32], enter_prob=1.0, leave_prob=1.0)
@@ -84,18 +84,19 @@ def test_easy_style_stays_available(tmp_path):
 def test_recurrent_5_c_keeps_5_entries_and_flat_memory_on_the_longest_sequence(tmp_path):
     """The embedded benchmark's sequence length (params.yaml), one object group: K = 5 slots, constant bytes."""
     import dataclasses
+    from pathlib import Path
 
     import torch
 
-    from pipeline.download.stage import DownloadParams
-    from pipeline.params import load_params, section
+    from pipeline.download.stage import read_params
+    from pipeline.params import load_params
     from stm_core.data.io import read_image, to_tensor
     from stm_core.inference import InferenceCore, memory_bytes, memory_entries
     from stm_core.model.network import ModelConfig, STMNetwork
 
-    from pathlib import Path
-
-    cfg = section(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), "download", DownloadParams).builtin_videos
+    _, sources = read_params(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), ["builtin-videos"])
+    fields = {f.name for f in dataclasses.fields(BuiltinVideosConfig)}
+    cfg = BuiltinVideosConfig(**{k: v for k, v in dataclasses.asdict(sources["builtin-videos"]).items() if k in fields})
     cfg = dataclasses.replace(cfg, train_sequences=0, val_sequences=1, height=64, width=64)  # length as embedded
     write_builtin_videos(tmp_path, cfg, seed=0)
     torch.manual_seed(0)

@@ -24,8 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from stm_core.data.augment import _hue_matrix, linear, translation, warp
-from stm_core.data.builtin import COLOUR_IMAGES, PATCH, SHAPES, _crop, _resize, background_texture, object_texture, \
-    sample_image, shape_mask
+from stm_core.data.builtin import (
+    COLOUR_IMAGES,
+    PATCH,
+    SHAPES,
+    _crop,
+    _resize,
+    background_texture,
+    object_texture,
+    sample_image,
+    shape_mask,
+)
 
 
 @dataclass

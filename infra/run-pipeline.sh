@@ -17,8 +17,10 @@
 # Arguments / environment:
 #   $1 or STM_PARAMS   params file to run with (default params.yaml); another file, e.g. the
 #                      paper recipe, is copied over params.yaml in this job's copy of the repo
-#   STM_DVC_REMOTE     DVC remote URL for stage outputs (optional: without it nothing is pulled
-#                      or pushed, and outputs stay in the job's directory on the head node)
+#   STM_STORAGE_ROOT   the store every node reaches (s3://, gs://, file:// on a shared mount): the
+#                      stages keep what crosses nodes there (storage.root in params wins)
+#   STM_DVC_REMOTE     DVC remote URL for stage outputs (default: $STM_STORAGE_ROOT/dvc; without
+#                      either nothing is pulled or pushed, and outputs stay in the job's directory)
 #   STM_DVC_TARGETS    stages to reproduce (default: all)
 #   MLFLOW_TRACKING_URI the cluster's MLflow server (infra/mlflow/start-server.sh)
 set -euo pipefail
@@ -32,8 +34,11 @@ fi
 # The working-dir upload keeps .git; an image or archive without it still needs a git repo for DVC.
 [[ -d .git ]] || git init -q
 
+if [[ -z "${STM_DVC_REMOTE:-}" && -n "${STM_STORAGE_ROOT:-}" ]]; then
+  export STM_DVC_REMOTE="${STM_STORAGE_ROOT%/}/dvc"
+fi
 state="$(basename "$params" .yaml)"  # one saved state per params file
-echo "run-pipeline.sh: params=$params RAY_ADDRESS=${RAY_ADDRESS:-<local>} MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-<local sqlite>}" >&2
+echo "run-pipeline.sh: params=$params RAY_ADDRESS=${RAY_ADDRESS:-<local>} STM_STORAGE_ROOT=${STM_STORAGE_ROOT:-<local>} MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-<local sqlite>}" >&2
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ -n "${STM_DVC_REMOTE:-}" ]]; then
   dvc remote add --local --force --default shared "$STM_DVC_REMOTE"

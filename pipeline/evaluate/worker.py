@@ -53,6 +53,7 @@ class SequenceResult:
     peak_memory_bytes: int  # CUDA max allocated, or the process's peak RSS growth during the video
     memory_entries: int  # frames or slots held at the end (largest object group)
     memory_bytes: int  # bytes of the keys and values the memory read attends to at the end
+    node_id: str = ""  # the Ray node that ran it (empty outside Ray)
 
 
 def sha256(data: bytes) -> str:
@@ -284,4 +285,8 @@ def remote_sequence(variant: Variant, model: tuple[str, list] | None, payload: S
             return ray.get(box[0])
 
         network = cached_network(digest, fetch, top_k, device)
-    return run_sequence(variant, network, payload, device, max_size)
+    result = run_sequence(variant, network, payload, device, max_size)
+    import ray
+
+    result.node_id = ray.get_runtime_context().get_node_id()
+    return result

@@ -238,7 +238,7 @@ def log_children(uri: str, experiment: str, parent_id: str, tags: dict, summarie
                 for name, png in outputs.overlay_images(seq, overlay_frames, p.overlays).items():
                     (folder / name).write_bytes(png)
                 client.log_artifacts(run_id, str(folder), "overlays")
-        link_dataset(uri, run_id, p)
+        link_inputs(uri, run_id, p, {v.model: models[v.model]} if v.model in models else {})
         tracking.finish_run(uri, run_id)
         ids[v.name] = run_id
     return ids
@@ -280,16 +280,19 @@ def dataset_digest(p: EvaluateParams) -> str:
     return storage.fingerprint(Path(p.dataset))[:32]
 
 
-def link_dataset(uri: str, run_id: str, p: EvaluateParams) -> None:
-    """MLflow dataset input: the benchmark this run read (name, split, digest, source)."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+def link_inputs(uri: str, run_id: str, p: EvaluateParams, models: dict[str, tuple[str, bytes]]) -> None:
+    """MLflow inputs of an evaluation run: the benchmark it read (name, split, digest, source) and
+    the logged models it ran (MLflow shows the run under each model)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
 
+    ids = [info["model_id"] for info in (model_info(path) for path, _ in models.values()) if info.get("model_id")]
     name = f"{Path(p.dataset.rstrip('/')).name}/{p.split}"
     source = p.dataset if storage.is_uri(p.dataset) else Path(p.dataset).resolve().as_uri()
     data = Dataset(name=name, digest=dataset_digest(p), source_type="uri" if storage.is_uri(p.dataset) else "local",
                    source=source)
     tracking.client(uri).log_inputs(run_id, datasets=[DatasetInput(data, tags=[InputTag("mlflow.data.context",
-                                                                                         "evaluation")])])
+                                                                                         "evaluation")])],
+                                    models=[LoggedModelInput(model_id=i) for i in ids] or None)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -328,7 +331,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
     writer = outputs.ResultsWriter(results_dir)
     status = "FAILED"
     try:
-        link_dataset(uri, parent_id, p)
+        link_inputs(uri, parent_id, p, models)
         first = videos[0].name
         by_variant = run_tasks(variants, videos, models, p, memory, writer, keep_masks={first})
         summaries = [outputs.summarize_variant(v.name, [by_variant[v.name][s.name] for s in videos]) for v in variants]

@@ -13,6 +13,7 @@ from pipeline.download.stage import DownloadParams
 from pipeline.evaluate.stage import EvaluateParams
 from pipeline.evaluate.variants import MemoryParams
 from pipeline.params import ParamsError, load_params, section
+from pipeline.storage import StorageParams
 from pipeline.synthesize import SynthesizeParams
 from pipeline.tracking import MlflowParams
 from pipeline.train.settings import RayParams, StageParams, StrmnParams, settings
@@ -21,7 +22,7 @@ from stm_core.model.network import ModelConfig
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"download": DownloadParams, "synthesize": SynthesizeParams, "model": ModelConfig, "strmn": StrmnParams,
             "pretrain": StageParams, "train": StageParams, "ray": RayParams, "memory": MemoryParams,
-            "evaluate": EvaluateParams, "mlflow": MlflowParams}
+            "evaluate": EvaluateParams, "mlflow": MlflowParams, "storage": StorageParams}
 FILES = ["params.yaml", "params-paper.yaml"]
 
 

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.evaluate.variants import Variant
 
 RULE_FIELD = "{rule}"
@@ -21,6 +19,7 @@ def model_key(v: Variant, strmn_model: str) -> str:
     return v.model
 
 
-def checkpoint_path(key: str, stm_model: str, strmn_model: str) -> Path:
+def checkpoint_path(key: str, stm_model: str, strmn_model: str) -> str:
+    """The checkpoint's path or URI (kept a string: `Path` would mangle `s3://`)."""
     kind, _, rule = key.partition("@")
-    return Path(stm_model) if kind == "stm" else Path(strmn_model.replace(RULE_FIELD, rule))
+    return stm_model if kind == "stm" else strmn_model.replace(RULE_FIELD, rule)

@@ -54,6 +54,7 @@ class SequenceResult:
     peak_memory_bytes: int  # CUDA max allocated, or the process's peak RSS growth during the video
     memory_entries: int  # frames or slots held at the end (largest object group)
     memory_bytes: int  # bytes of the keys and values the memory read attends to at the end
+    node_id: str = ""  # the Ray node that ran it (empty outside Ray)
 
 
 def sha256(data: bytes) -> str:
@@ -299,7 +300,11 @@ class EvaluationWorker:
                 return ray.get(box[0])
 
             network = self.cache.get(digest, fetch, self.top_k, self.device)
-        return run_sequence(variant, network, payload, self.device, self.max_size)
+        result = run_sequence(variant, network, payload, self.device, self.max_size)
+        import ray
+
+        result.node_id = ray.get_runtime_context().get_node_id()  # which node ran it (cluster tests, logs)
+        return result
 
     def loads(self) -> dict[str, int]:
         return dict(self.cache.loads)

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from pipeline.cluster import ClusterError
 from pipeline.params import DEFAULT_PARAMS, ParamsError
 from pipeline.train.settings import FAULT_ENV, STAGES, settings
 
@@ -35,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         s = settings(args.params, args.stage, args.model, args.rule)
         return train(s, fresh=args.fresh, fault=os.environ.get(FAULT_ENV, ""))
-    except (ParamsError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, FileNotFoundError, ValueError, ClusterError) as err:
         print(f"stm train: error: {err}", file=sys.stderr)
         return 2

@@ -58,7 +58,7 @@ def test_strmn_expands_to_every_rule_and_i2m_with_their_own_checkpoints():
     template = "models/strmn-main/{rule}/model.pt"
     keys = [model_key(v, template) for v in strmn]
     assert keys == ["strmn@A", "strmn@B", "strmn@C", "strmn@D", "strmn@I2M"]
-    assert checkpoint_path("strmn@I2M", "m.pt", template) == Path("models/strmn-main/I2M/model.pt")
+    assert checkpoint_path("strmn@I2M", "m.pt", template) == "models/strmn-main/I2M/model.pt"
     assert model_key(strmn[0], "models/strmn-main/model.pt") == "strmn"  # one shared checkpoint still works
     none = parse_variants(["strmn:C"], MemoryParams(slots=4, postprocess="none"))
     assert not none[0].postprocess

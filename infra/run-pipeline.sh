@@ -19,9 +19,12 @@
 # Arguments / environment:
 #   $1 or STM_PARAMS   params file to run with (default params.yaml); another file, e.g. the
 #                      paper recipe, is copied over params.yaml in this job's copy of the repo
+#   STM_STORAGE_ROOT   the store every node reaches (s3://, gs://, file:// on a shared mount): the
+#                      stages keep what crosses nodes there (storage.root in params wins)
 #   STM_DVC_REMOTE     the remote's URL for this job (s3://..., gs://..., a shared mount), instead
-#                      of the `cluster` URL in .dvc/config; set one of the two on a cluster. With
-#                      `none`, nothing is pulled or pushed (outputs stay in the job's directory).
+#                      of the `cluster` URL in .dvc/config (default: $STM_STORAGE_ROOT/dvc); set one
+#                      on a cluster. With `none`, nothing is pulled or pushed (outputs stay in the
+#                      job's directory).
 #   STM_DVC_TARGETS    stages to reproduce, with what they depend on (default: all)
 #   MLFLOW_TRACKING_URI the cluster's MLflow server (infra/mlflow/start-server.sh)
 set -euo pipefail
@@ -36,6 +39,9 @@ fi
 [[ -d .git ]] || git init -q
 
 remote="${STM_DVC_REMOTE:-}"
+if [[ -z "$remote" && -n "${STM_STORAGE_ROOT:-}" ]]; then
+  remote="${STM_STORAGE_ROOT%/}/dvc"
+fi
 if [[ -n "$remote" && "$remote" != "none" ]]; then
   dvc remote add --local --force cluster "$remote"  # overrides the URL in .dvc/config for this job only
 fi
@@ -45,7 +51,7 @@ if [[ "$remote" != "none" ]]; then
   dvc remote default --local cluster  # what `dvc repro --pull` pulls from
 fi
 echo "run-pipeline.sh: params=$params remote=${url:-<none>} RAY_ADDRESS=${RAY_ADDRESS:-<local>}" \
-     "MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-<local sqlite>}" >&2
+     "STM_STORAGE_ROOT=${STM_STORAGE_ROOT:-<local>} MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-<local sqlite>}" >&2
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck disable=SC2086  # targets are word-split on purpose

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
+LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
+
+
+class ClusterError(RuntimeError):
+    """A setting that works on one machine but not on a cluster whose nodes share no disk."""
 
 
 def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, **kwargs):
@@ -53,3 +60,79 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+# ----------------------------------------------------------------- what a multi-node cluster needs
+def alive_nodes() -> list[dict]:
+    """Alive nodes of the connected cluster (needs Ray initialised)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def node_ips(nodes: list[dict] | None = None) -> list[str]:
+    return sorted({n["NodeManagerAddress"] for n in (alive_nodes() if nodes is None else nodes)})
+
+
+def is_multi_node(nodes: list[dict] | None = None) -> bool:
+    """More than one node: the stage's local files are not where its tasks may run."""
+    nodes = alive_nodes() if nodes is None else nodes
+    return len(nodes) > 1
+
+
+def require_shared(stage: str, locations: Mapping[str, str], nodes: list[dict] | None = None) -> None:
+    """Raise before any work starts when a location that other nodes must read or write is a local
+    path and Ray runs on more than one node. `locations`: params key -> path or URI."""
+    nodes = alive_nodes() if nodes is None else nodes
+    if not is_multi_node(nodes):
+        return
+    local = {k: v for k, v in locations.items() if v and "://" not in str(v)}
+    if local:
+        where = os.environ.get("RAY_ADDRESS") or "the connected cluster"
+        names = "; ".join(f"{k} = {v}" for k, v in local.items())
+        raise ClusterError(
+            f"stm {stage}: {names}: a local path, but Ray at {where} has {len(nodes)} nodes that share no disk, so "
+            "tasks on other nodes would not find it. Set storage.root to a URI every node reaches "
+            "(s3://bucket/prefix, gs://..., or file:// on a shared mount), or give these keys URIs.")
+
+
+def is_loopback(host: str | None) -> bool:
+    return not host or host.startswith(LOOPBACK)
+
+
+def resolve_tracking_uri(uri: str, nodes: list[dict] | None = None, driver_ip: str | None = None) -> str:
+    """The MLflow address every node can use.
+
+    One machine: unchanged. A cluster: a loopback server address (the head exporting
+    http://127.0.0.1:5000) becomes the driver node's address, which other nodes reach (the server
+    must listen on it: `mlflow server --host 0.0.0.0`); loopback stays when every node has the
+    driver's address (nodes on one host). A database or file store (sqlite, file paths) would be one
+    private store per node: refused with a clear error.
+    """
+    nodes = alive_nodes() if nodes is None else nodes
+    if not is_multi_node(nodes):
+        return uri
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https", "databricks"):
+        raise ClusterError(
+            f"MLflow tracking URI {uri!r}: a local store, but Ray runs on {len(nodes)} nodes; each would write its "
+            "own. Start one `mlflow server` (infra/mlflow/) and set MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to "
+            "its http:// address.")
+    if parts.scheme == "databricks" or not is_loopback(parts.hostname):
+        return uri
+    ips = node_ips(nodes)
+    if driver_ip is None:
+        import ray
+
+        me = ray.get_runtime_context().get_node_id()
+        driver_ip = next((n["NodeManagerAddress"] for n in nodes if n.get("NodeID") == me), None)
+    if len(ips) == 1 and ips[0] == driver_ip:
+        return uri  # all nodes on this host (a loopback test cluster)
+    if is_loopback(driver_ip):
+        raise ClusterError(
+            f"MLflow tracking URI {uri!r}: a loopback address, but the cluster's nodes are at {', '.join(ips)}; "
+            "give the server's address that every node reaches.")
+    netloc = driver_ip + (f":{parts.port}" if parts.port else "")
+    resolved = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    log.info("MLflow: %s is loopback; the cluster's nodes use the driver node's address %s", uri, resolved)
+    return resolved

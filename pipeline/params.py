@@ -23,6 +23,7 @@ DEFAULT_PARAMS = "params.yaml"
 # depends on them in dvc.yaml, so `dvc exp run -S ray.storage=s3://...` or more CPUs re-run nothing.
 PLACEMENT_KEYS = (
     "ray.cpus_per_worker", "ray.gpus_per_worker", "ray.num_cpus", "ray.object_store_mb", "ray.storage",
+    "ray.placement_strategy", "storage.root",
     "mlflow.experiment", "mlflow.tracking_uri",
     "download.cache", "download.keep_archives", "download.retries", "download.timeout",
 )

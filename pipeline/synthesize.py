@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline import storage, tracking
 from pipeline.params import DEFAULT_PARAMS, load_params, section
 from pipeline.tracking import workspace_root
 from stm_core.data.augment import AffineRange, ColorJitter
@@ -80,9 +81,10 @@ class ClipMaker:
     """Ray Data UDF (one per actor): a batch of clip ids -> a pyarrow table of encoded clips."""
 
     def __init__(self, roots: list[str], cfg: SynthConfig, seed: int, stream: int, image_format: str, quality: int):
+        from pipeline.storage import local_or_cached
         from stm_core.data.images import StaticImageSet
 
-        self.pairs = StaticImageSet(roots)
+        self.pairs = StaticImageSet([local_or_cached(r) for r in roots])  # URIs: this node's cached copy
         self.cfg, self.seed, self.stream = cfg, seed, stream
         self.image_format, self.quality = image_format, quality
 
@@ -121,9 +123,12 @@ def _shard_names():
     return ShardNames()
 
 
-def synthesize_set(name: str, n_frames: int, clips: int, p: SynthesizeParams, roots: list[Path], out_dir: Path,
-                   num_actors: int | None = None) -> dict:
-    """Write one clip set to `out_dir` (replaced atomically). Ray must be initialised."""
+def synthesize_set(name: str, n_frames: int, clips: int, p: SynthesizeParams, roots: list[Path | str], out_dir: Path,
+                   num_actors: int | None = None, mirror: str | None = None) -> dict:
+    """Write one clip set to `out_dir` (replaced atomically). Ray must be initialised.
+
+    `roots` may be URIs (actors on any node read them); with `mirror` (a URI) the Ray Data writers
+    write the shards there, and the local `out_dir` (DVC's output) is copied from it."""
     import ray
     from ray.data import ActorPoolStrategy, SaveMode
 
@@ -144,12 +149,25 @@ def synthesize_set(name: str, n_frames: int, clips: int, p: SynthesizeParams, ro
                                "stream": set_stream(name), "image_format": p.image_format, "quality": p.jpeg_quality},
     )
     # Writes are I/O: no CPU reservation, so they never wait behind the clip actors (2-CPU machines).
-    ds.write_parquet(str(tmp), filename_provider=_shard_names(), mode=SaveMode.OVERWRITE, ray_remote_args={"num_cpus": 0})
+    write = {"filename_provider": _shard_names(), "mode": SaveMode.OVERWRITE, "ray_remote_args": {"num_cpus": 0}}
+    if mirror:
+        storage.delete_dir(mirror)
+        fs, path = storage.filesystem(mirror)
+        ds.write_parquet(path, filesystem=fs, **write)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        storage.download_dir(mirror, tmp)
+    else:
+        ds.write_parquet(str(tmp), **write)
     seconds = time.perf_counter() - start
     manifest = {"set": name, "clips": clips, "frames": n_frames, "shards": sorted(f.name for f in tmp.glob("*.parquet")),
-                "seed": p.seed, "sources": [r.name for r in roots], "config": asdict(cfg)}
+                "seed": p.seed, "sources": [str(r).rstrip("/").rsplit("/", 1)[-1] for r in roots],
+                "config": asdict(cfg)}
     # "_" prefix: Parquet readers (pyarrow, Ray Data) skip it when given the folder.
     (tmp / "_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if mirror:
+        storage.write_bytes(storage.join(mirror, "_manifest.json"), (tmp / "_manifest.json").read_bytes())
+        storage.write_bytes(storage.join(mirror, storage.MIRROR_MARK),  # the mirror matches the local copy
+                            json.dumps({"fingerprint": storage.fingerprint(tmp), "source": str(out_dir)}).encode())
     _replace_dir(tmp, out_dir)
     return {"set": name, "clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "actors": actors}
 
@@ -177,30 +195,59 @@ def source_roots(p: SynthesizeParams, root: Path) -> list[Path]:
     return roots
 
 
+def shared_locations(p: SynthesizeParams, root: Path, store: str) -> dict[str, str]:
+    """Actors on any node read the sources and Ray Data writers on any node write the shards."""
+    raw, out = resolve(p.raw_root, root), resolve(p.output, root)
+    return {"synthesize.raw_root": storage.remote_mirror(store, root, raw) or str(raw),
+            "synthesize.output": storage.remote_mirror(store, root, out) or str(out)}
+
+
 def run_synthesize(params_file: str | Path, only: list[str] | None = None) -> list[dict]:
     params = load_params(params_file)
     p = section(params, "synthesize", SynthesizeParams)
     root = workspace_root(params_file)  # inputs and outputs: the temp copy under a queued experiment
+    store = storage.storage_root(params)
     roots = source_roots(p, root)
+    out_root = resolve(p.output, root)
 
     import ray
 
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import alive_nodes, init_ray, require_shared, resolve_tracking_uri
 
     started = not ray.is_initialized()
     ray_p = params.get("ray") or {}
     init_ray(num_cpus=ray_p.get("num_cpus"))
     results = []
+    status, run_id, uri = "FAILED", None, ""
     try:
+        nodes = alive_nodes()
+        mirrors = {r: storage.remote_mirror(store, root, r) for r in roots}
+        require_shared("synthesize", shared_locations(p, root, store), nodes)
+        mlflow_p = section(params, "mlflow", tracking.MlflowParams)
+        uri = resolve_tracking_uri(tracking.tracking_uri(tracking.project_root(params_file), mlflow_p.tracking_uri),
+                                   nodes)
+        run_id = tracking.create_run(uri, mlflow_p.experiment, "synthesize", {"synthesize": asdict(p)},
+                                     tracking.standard_tags(root, "synthesize"))
+        for r, mirror in mirrors.items():
+            if mirror and storage.publish(r, mirror):
+                print(f"synthesize: mirrored {r} to {mirror}", file=sys.stderr)
+        sources = [mirrors[r] or r for r in roots]
         for name, s in p.sets.items():
             if only and name not in only:
                 continue
-            out = resolve(p.output, root) / name
-            print(f"synthesize: {s.clips} clips x {s.frames} frames -> {out}", file=sys.stderr)
-            r = synthesize_set(name, s.frames, s.clips, p, roots, out)
+            out = out_root / name
+            mirror = storage.remote_mirror(store, root, out)
+            print(f"synthesize: {s.clips} clips x {s.frames} frames -> {out}" + (f" (via {mirror})" if mirror else ""),
+                  file=sys.stderr)
+            r = synthesize_set(name, s.frames, s.clips, p, sources, out, mirror=mirror)
             print(f"synthesize: {name}: {r['clips_per_s']:.1f} clips/s on {r['actors']} actors", file=sys.stderr)
+            tracking.RunLogger(uri, run_id).metrics({f"{name}.clips": r["clips"], f"{name}.seconds": r["seconds"],
+                                                     f"{name}.clips_per_s": r["clips_per_s"]}, step=0)
             results.append(r)
+        status = "FINISHED"
     finally:
+        if run_id:
+            tracking.finish_run(uri, run_id, status)
         if started:
             ray.shutdown()
     return results
@@ -212,6 +259,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.cluster import ClusterError
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_synthesize(args.params, args.sets)
+    try:
+        run_synthesize(args.params, args.sets)
+    except (ClusterError, storage.StorageError, DataError) as err:
+        print(f"stm synthesize: error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -31,7 +31,7 @@ from stm_core.data import (
     write_builtin_videos,
 )
 
-SMALL_VIDEOS = BuiltinVideosConfig(height=64, width=64, frames=8, train_sequences=2, val_sequences=3)
+SMALL_VIDEOS = BuiltinVideosConfig(height=64, width=64, frames=8, train_sequences=2, val_sequences=3, style="easy")
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

@@ -307,16 +307,17 @@ def _square(size: int, x: int, y: int, side: int) -> np.ndarray:
     return m
 
 
-def make_tiny_davis(root: Path, frames: int = 6, size: int = 64) -> list[str]:
-    """DAVIS layout: seq-a (one square), seq-b (two squares, the second appears at frame 2)."""
+def make_tiny_davis(root: Path, frames: int = 6, size: int = 64, extra: int = 0) -> list[str]:
+    """DAVIS layout: seq-a (one square), seq-b (two squares, the second appears at frame 2), and
+    `extra` more sequences like seq-b."""
     rng = np.random.default_rng(1)
-    names = ["seq-a", "seq-b"]
+    names = ["seq-a", "seq-b"] + [f"seq-{i}" for i in range(extra)]
     for s, name in enumerate(names):
         bg = (rng.random((size, size, 3)) * 80 + 40).astype(np.uint8)
         for t in range(frames):
             image, ids = bg.copy(), np.zeros((size, size), np.uint8)
             objects = [(1, 6 + 4 * t, 10 + 2 * t, (230, 40, 40))]
-            if s == 1 and t >= 2:
+            if s >= 1 and t >= 2:
                 objects.append((2, 44 - 3 * t, 40, (40, 220, 60)))
             for obj, x, y, colour in objects:
                 region = _square(size, x, y, 16)
@@ -428,3 +429,43 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
     assert {"sequences.csv", "overlays"} <= arts
     assert len(client.list_artifacts(child["run_id"], "overlays")) == 2
     assert {a.path for a in client.list_artifacts(run_id, "report")} == {"report/ablation.md", "report/ablation.png"}
+
+
+@pytest.mark.slow
+def test_evaluation_loads_each_checkpoint_once_per_worker(tmp_path, monkeypatch):
+    """10 variants x 8 sequences on a pool of actors: every actor loads each checkpoint it uses once."""
+    ray = pytest.importorskip("ray")
+    import torch
+
+    from pipeline.cli import main
+    from stm_core.model.checkpoint import save_checkpoint
+    from stm_core.model.network import ModelConfig, STMNetwork
+
+    data = tmp_path / "bench"
+    names = make_tiny_davis(data, frames=4, size=48, extra=6)
+    assert len(names) == 8
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "stm.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=16)))
+    save_checkpoint(tmp_path / "strmn.pt", STMNetwork(ModelConfig(kind="strmn", decoder_dim=16, fusion_dim=8)))
+    variants = ["copy-first", "stm:first", "stm:previous", "stm:first+previous", "stm:every", "stm:fifo", "strmn"]
+    params = {
+        "evaluate": {"variants": variants, "dataset": str(data), "split": "val", "stm_model": str(tmp_path / "stm.pt"),
+                     "strmn_model": str(tmp_path / "strmn.pt"), "num_cpus": 1, "overlays": 0},
+        "memory": {"every": 2, "fifo": 3, "slots": 3, "rules": ["A", "B", "C", "D"]},
+        "mlflow": {"experiment": "test-eval-loads"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["evaluate", "--params", "params.yaml"]) == 0
+    finally:
+        ray.shutdown()
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert len(metrics) == 10
+    loads = json.loads(Path("results/evaluation.json").read_text())["checkpoint_loads"]
+    assert len(loads) == 2  # one actor per CPU share
+    assert all(n == 1 for actor in loads for n in actor.values()), loads
+    assert sum(len(actor) for actor in loads) <= 4  # 2 checkpoints x 2 actors, 80 items

@@ -90,7 +90,7 @@ def test_launcher_config_runs_the_project_image_with_tracking(cloud):
         assert "MLFLOW_TRACKING_URI" in commands
         assert "RAY_AUTH_MODE=token" in commands
     run_options = " ".join(docker["run_options"])
-    assert "STM_DVC_REMOTE=" in run_options  # shared storage for stage outputs
+    assert "STM_STORAGE_ROOT=" in run_options  # the store every node reaches (and the DVC remote under it)
     # The image holds everything: no per-node pip installs of the project.
     assert not any("pip install" in c and "stm" in c for c in config.get("setup_commands", []))
 
@@ -171,7 +171,7 @@ def test_rayjob_manifest_runs_dvc_repro_and_cleans_up():
     env_vars = runtime_env["env_vars"]
     assert all(isinstance(v, str) for v in env_vars.values()), "runtime env values must be strings"
     assert env_vars["MLFLOW_TRACKING_URI"].startswith("http")
-    assert env_vars["STM_DVC_REMOTE"]
+    assert env_vars["STM_STORAGE_ROOT"]
     assert env_vars["STM_PARAMS"].endswith(".yaml")
     assert "RAY_ADDRESS" not in env_vars  # Ray sets it for the entrypoint
     check_ray_cluster_spec(spec["rayClusterSpec"], f"{path}: rayClusterSpec")

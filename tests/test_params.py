@@ -13,6 +13,7 @@ from pipeline.download.stage import DownloadParams
 from pipeline.evaluate.stage import EvaluateParams
 from pipeline.evaluate.variants import MemoryParams
 from pipeline.params import ParamsError, load_params, section
+from pipeline.storage import StorageParams
 from pipeline.synthesize import SynthesizeParams
 from pipeline.tracking import MlflowParams
 from pipeline.train.settings import RayParams, StageParams, StrmnParams, settings
@@ -21,7 +22,7 @@ from stm_core.model.network import ModelConfig
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"download": DownloadParams, "synthesize": SynthesizeParams, "model": ModelConfig, "strmn": StrmnParams,
             "pretrain": StageParams, "train": StageParams, "ray": RayParams, "memory": MemoryParams,
-            "evaluate": EvaluateParams, "mlflow": MlflowParams}
+            "evaluate": EvaluateParams, "mlflow": MlflowParams, "storage": StorageParams}
 FILES = ["params.yaml", "params-paper.yaml"]
 
 
@@ -53,7 +54,7 @@ def test_every_key_line_has_a_comment(name: str):
 
 
 def test_unknown_keys_are_errors_naming_the_file(tmp_path: Path):
-    text = (REPO / "params.yaml").read_text().replace("  slots: 3  # STRMN K", "  slot: 3  # STRMN K", 1)
+    text = (REPO / "params.yaml").read_text().replace("  slots: 4  # STRMN K", "  slot: 4  # STRMN K", 1)
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError, match=r"params.yaml: memory: unknown key\(s\) \['slot'\]"):
         section(load_params(tmp_path / "params.yaml"), "memory", MemoryParams)

@@ -1,1 +1,1 @@
-"""`stm evaluate`: memory variants, the Ray tasks that run them, and their outputs (stage evaluate)."""
+"""`stm evaluate`: memory variants, the Ray actors that run them, and their outputs (stage evaluate)."""

@@ -2,8 +2,10 @@
 
 `stm evaluate [--params params.yaml]`. The variants (`evaluate.variants`) are STM memory policies
 with the STM model, STRMN update rules with K = `memory.slots` slots with the STRMN model, and the
-`copy-first` baseline. Each (variant, sequence) pair is one Ray task (local, or the cluster at
-$RAY_ADDRESS); frames, annotations and checkpoints travel to the tasks through the object store.
+`copy-first` baseline. A pool of Ray actors (local, or the cluster at $RAY_ADDRESS; one per GPU, or
+per `evaluate.num_cpus` CPUs) takes the (variant, sequence) items one at a time: each actor loads a
+checkpoint once, and times each sequence with its device to itself. Frames, annotations and
+checkpoints travel to the actors through the object store.
 
 Writes results/<variant>/<sequence>/%05d.png (palette PNGs) and results/<variant>/sequences.csv,
 metrics/evaluate.json ({variant: {JF_mean, J_mean, ..., fps, peak_memory_mb, memory_entries}}),
@@ -22,11 +24,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import storage, tracking
+from pipeline.cluster import ClusterError
 from pipeline.evaluate import outputs
+from pipeline.evaluate.per_rule import checkpoint_path, model_key
 from pipeline.evaluate.variants import MemoryParams, Variant, parse_variants
-from pipeline.evaluate.worker import SequencePayload, SequenceResult, remote_sequence, sha256
+from pipeline.evaluate.worker import EvaluationWorker, SequencePayload, SequenceResult, sha256
 from pipeline.params import ParamsError, load_params, section
+from pipeline.train.registry import MODEL_INFO
 from stm_core.data.io import DataError
 from stm_core.data.video import VideoSequence, read_davis, read_youtube_vos
 from stm_core.metrics import MetricError, write_json_atomic
@@ -51,7 +56,7 @@ class EvaluateParams:
     device: str = "cpu"  # cpu | cuda | auto
     max_size: int | None = None  # longest side the network sees (null: native resolution)
     num_cpus: float = 1.0  # CPUs per task (torch threads = max(1, round(num_cpus)))
-    num_gpus: float | None = None  # GPUs per task; null: 0.25 with cuda (4 tasks share a GPU), 0 on cpu
+    num_gpus: float | None = None  # GPUs per evaluation actor; null: 1 on cuda (timed alone), 0 on cpu
     overlays: int = 3  # overlay images per variant logged to MLflow (from the first sequence)
 
     def __post_init__(self):
@@ -70,7 +75,7 @@ class EvaluationError(RuntimeError):
 # ----------------------------------------------------------------------------- inputs
 
 def load_sequences(p: EvaluateParams) -> list[VideoSequence]:
-    root = Path(p.dataset)
+    root = storage.local_or_cached(p.dataset)  # a URI: the driver's cached copy
     if not root.is_dir():
         raise DataError(f"{root}: benchmark dataset folder not found (evaluate.dataset; the built-in one "
                         "comes from `stm download` / `dvc repro download`)")
@@ -103,7 +108,7 @@ def payload(seq: VideoSequence) -> SequencePayload:
                            object_frames=seq.object_frames)
 
 
-@functools.lru_cache(maxsize=4)  # one load per checkpoint, not one per variant
+@functools.lru_cache(maxsize=8)  # one load per checkpoint, not one per variant
 def checkpoint_training_data(data: bytes) -> str:
     """The `training_data` a checkpoint records (import-official, stm train), or ""."""
     import torch
@@ -112,26 +117,50 @@ def checkpoint_training_data(data: bytes) -> str:
     return str(found)[:400]  # MLflow params are bounded
 
 
-def checkpoint_files(p: EvaluateParams, variants: list[Variant]) -> dict[str, tuple[Path, bytes]]:
-    """model kind -> (path, bytes) for the kinds the variants use; a missing file is an error naming it."""
+def read_checkpoint(path: str) -> bytes | None:
+    if storage.is_uri(path):
+        try:
+            return storage.read_bytes(path)
+        except FileNotFoundError:
+            return None
+    return Path(path).read_bytes() if Path(path).is_file() else None
+
+
+def model_info(path: str) -> dict:
+    """The `model.json` that `stm train` writes beside a model: its MLflow run and registered version."""
+    import json
+
+    sidecar = (storage.join(path.rsplit("/", 1)[0], MODEL_INFO) if storage.is_uri(path)
+               else str(Path(path).parent / MODEL_INFO))
+    data = read_checkpoint(sidecar)
+    try:
+        return json.loads(data) if data else {}
+    except ValueError:
+        return {}
+
+
+def checkpoint_files(p: EvaluateParams, variants: list[Variant]) -> dict[str, tuple[str, bytes]]:
+    """model key (stm, strmn, strmn@RULE) -> (path or URI, bytes) for the variants; a missing file is an
+    error naming it."""
     import torch
 
-    paths = {"stm": Path(p.stm_model), "strmn": Path(p.strmn_model)}
     out = {}
-    for kind in sorted({v.model for v in variants if v.model != "none"}):
-        users = ", ".join(v.name for v in variants if v.model == kind)
-        path = paths[kind]
-        if not path.is_file():
+    for key in sorted({model_key(v, p.strmn_model) for v in variants if v.model != "none"}):
+        kind, _, rule = key.partition("@")
+        users = ", ".join(v.name for v in variants if model_key(v, p.strmn_model) == key)
+        path = checkpoint_path(key, p.stm_model, p.strmn_model)
+        data = read_checkpoint(path)
+        if data is None:
+            hint = TRAIN_HINT[kind] + (f" --rule {rule}" if rule else "")
             raise CheckpointError(f"{path}: checkpoint not found (evaluate.{kind}_model, needed by {users}); "
-                                  f"train it with `{TRAIN_HINT[kind]}` or drop those variants from evaluate.variants")
-        data = path.read_bytes()
+                                  f"train it with `{hint}` or drop those variants from evaluate.variants")
         try:
             found = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).get("kind")
         except Exception as err:  # noqa: BLE001 - pickle/zip errors have many types
             raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
         if kind == "strmn" and found != "strmn":
             raise CheckpointError(f"{path}: a {found!r} checkpoint, but {users} need a STRMN model (kind 'strmn')")
-        out[kind] = (path, data)
+        out[key] = (path, data)
     return out
 
 
@@ -145,50 +174,87 @@ def resolve_device(device: str) -> str:
 
 # ----------------------------------------------------------------------------- Ray
 
+def actor_count(p: EvaluateParams, device: str, items: int) -> tuple[int, float]:
+    """(actors, GPUs per actor): as many actors as the cluster's CPUs (or GPUs) hold, at most one per item."""
+    import ray
+
+    total = ray.cluster_resources()
+    if device.startswith("cuda"):
+        gpus = p.num_gpus if p.num_gpus is not None else 1.0
+        fit = int(total.get("GPU", 0) // gpus) if gpus > 0 else items
+    else:
+        gpus = 0.0
+        fit = int(total.get("CPU", 1) // p.num_cpus) if p.num_cpus > 0 else items
+    if fit < 1:
+        raise EvaluationError(f"the Ray cluster has {total.get('GPU' if gpus else 'CPU', 0)} "
+                              f"{'GPUs' if gpus else 'CPUs'}; an evaluation actor needs "
+                              f"{gpus if gpus else p.num_cpus} (evaluate.num_gpus / evaluate.num_cpus)")
+    return max(1, min(fit, items)), gpus
+
+
 def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict[str, tuple[Path, bytes]],
               p: EvaluateParams, memory: MemoryParams, writer: outputs.ResultsWriter,
-              keep_masks: set[str]) -> dict[str, dict[str, SequenceResult]]:
-    """One task per (variant, sequence), all submitted at once; results written as they arrive."""
+              keep_masks: set[str]) -> tuple[dict[str, dict[str, SequenceResult]], list[dict[str, int]]]:
+    """A pool of evaluation actors, each fed one (variant, sequence) item at a time as it frees up;
+    results written as they arrive. Returns the results and each actor's checkpoint loads."""
     import ray
     from tqdm import tqdm
 
     device = resolve_device(p.device)
-    gpus = p.num_gpus if p.num_gpus is not None else (0.25 if device.startswith("cuda") else 0.0)
-    task = ray.remote(remote_sequence).options(num_cpus=p.num_cpus, num_gpus=gpus, max_retries=1)
+    work = [(v, seq) for seq in videos for v in variants]
+    n_actors, gpus = actor_count(p, device, len(work))
+    # SPREAD: the actors fill every node, not the driver's first.
+    actor_cls = ray.remote(EvaluationWorker).options(num_cpus=p.num_cpus, num_gpus=gpus, max_restarts=1,
+                                                      max_task_retries=1, scheduling_strategy="SPREAD")
+    threads = max(1, round(p.num_cpus))
+    actors = [actor_cls.remote(device, p.max_size, memory.top_k, threads) for _ in range(n_actors)]
     model_refs = {kind: (sha256(data), [ray.put(data)]) for kind, (_, data) in models.items()}
+    payload_refs: dict[str, object] = {}
+    idle = list(actors)
     pending: dict = {}
-    for seq in videos:
-        ref = ray.put(payload(seq))
-        for v in variants:
-            args = (v, model_refs.get(v.model), ref, device, p.max_size, memory.top_k, max(1, round(p.num_cpus)))
-            pending[task.remote(*args)] = (v.name, seq.name)
     results: dict[str, dict[str, SequenceResult]] = {v.name: {} for v in variants}
-    with tqdm(total=len(pending), desc="evaluate", unit="task", file=sys.stderr) as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                name, seq = pending.pop(ref)
+    queue = iter(work)
+    try:
+        with tqdm(total=len(work), desc=f"evaluate ({n_actors} actors)", unit="item", file=sys.stderr) as bar:
+            while True:
+                while idle and (item := next(queue, None)) is not None:
+                    v, seq = item
+                    if seq.name not in payload_refs:
+                        payload_refs[seq.name] = ray.put(payload(seq))
+                    actor = idle.pop()
+                    ref = actor.run.remote(v, model_refs.get(model_key(v, p.strmn_model)), payload_refs[seq.name])
+                    pending[ref] = (v.name, seq.name, actor)
+                if not pending:
+                    break
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                name, seq_name, actor = pending.pop(ref)
                 try:
                     result = ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - RayTaskError wraps the worker's exception
-                    for other in pending:
-                        ray.cancel(other)
                     cause = getattr(err, "cause", None) or err
-                    raise EvaluationError(f"variant {name} on sequence {seq}: {type(cause).__name__}: {cause}") from err
+                    raise EvaluationError(f"variant {name} on sequence {seq_name}: {type(cause).__name__}: "
+                                          f"{cause}") from err
+                idle.append(actor)
                 writer.add(result)
-                if seq not in keep_masks:
+                if seq_name not in keep_masks:
                     result.masks = []  # on disk now; keep memory flat on long benchmarks
-                results[name][seq] = result
-                bar.set_postfix_str(f"{name}/{seq}", refresh=False)
+                results[name][seq_name] = result
+                bar.set_postfix_str(f"{name}/{seq_name}", refresh=False)
                 bar.update()
-    return results
+        loads = ray.get([a.loads.remote() for a in actors])
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return results, loads
 
 
 # ----------------------------------------------------------------------------- MLflow
 
 def variant_params(v: Variant, p: EvaluateParams, memory: MemoryParams, models, n_seq: int) -> dict:
-    path, data = models.get(v.model, (None, b""))
-    return {"variant": v.name, "model": v.model, "policy": v.policy, "family": v.family,
+    path, data = models.get(model_key(v, p.strmn_model), (None, b""))
+    info = model_info(path) if path else {}
+    return {"registered_model": info.get("model_uri", ""), "train_run_id": info.get("run_id", ""),
+            "variant": v.name, "model": v.model, "policy": v.policy, "family": v.family,
             "rule": v.rule or "", "memory_size": v.size if v.size is not None else "",
             "checkpoint": str(path) if path else "", "checkpoint_sha256": sha256(data)[:16] if path else "",
             "training_data": checkpoint_training_data(data) if path else "",
@@ -205,7 +271,8 @@ def log_children(uri: str, experiment: str, parent_id: str, tags: dict, summarie
     ids = {}
     for v, s in zip(variants, summaries):
         child_tags = {**tags, "mlflow.parentRunId": parent_id, "stm_role": "variant", "stm_variant": v.name,
-                      "stm_model": v.model, "stm_policy": v.policy}
+                      "stm_model": v.model, "stm_policy": v.policy, **model_tags({v.model: models[v.model]}
+                                                                                  if v.model in models else {})}
         run_id = tracking.create_run(uri, experiment, v.name, variant_params(v, p, memory, models, len(s.results)),
                                      child_tags)
         values = outputs.metrics_json([s])[v.name]
@@ -220,9 +287,61 @@ def log_children(uri: str, experiment: str, parent_id: str, tags: dict, summarie
                 for name, png in outputs.overlay_images(seq, overlay_frames, p.overlays).items():
                     (folder / name).write_bytes(png)
                 client.log_artifacts(run_id, str(folder), "overlays")
+        link_inputs(uri, run_id, p, {v.model: models[v.model]} if v.model in models else {})
         tracking.finish_run(uri, run_id)
         ids[v.name] = run_id
     return ids
+
+
+def model_tags(models: dict[str, tuple[str, bytes]]) -> dict[str, str]:
+    """Tags that name the registered model version (and training run) each kind came from."""
+    tags = {}
+    for kind, (path, data) in models.items():
+        info = model_info(path)
+        tags[f"stm_{kind}_checkpoint"] = str(path)
+        tags[f"stm_{kind}_sha256"] = sha256(data)[:16]
+        if info:
+            tags[f"stm_{kind}_model_version"] = info["model_uri"]
+            tags[f"stm_{kind}_train_run_id"] = info["run_id"]
+    versions = [t for k, t in tags.items() if k.endswith("_model_version")]
+    if versions:
+        tags["model_versions"] = ", ".join(versions)
+    return tags
+
+
+def dataset_digest(p: EvaluateParams) -> str:
+    """The dataset's DVC hash when DVC tracks it (dvc.lock), else a hash of its file names and sizes."""
+    import yaml
+
+    lock = tracking.workspace_root() / "dvc.lock"
+    if lock.is_file() and not storage.is_uri(p.dataset):
+        try:
+            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        except yaml.YAMLError:
+            stages = {}
+        want = Path(p.dataset).as_posix().rstrip("/")
+        for stage in stages.values():
+            for out in stage.get("outs", []) or []:
+                if out.get("path", "").rstrip("/") == want and out.get("md5"):
+                    return str(out["md5"])
+    if storage.is_uri(p.dataset):
+        return sha256("\n".join(storage.list_files(p.dataset)).encode())[:32]
+    return storage.fingerprint(Path(p.dataset))[:32]
+
+
+def link_inputs(uri: str, run_id: str, p: EvaluateParams, models: dict[str, tuple[str, bytes]]) -> None:
+    """MLflow inputs of an evaluation run: the benchmark it read (name, split, digest, source) and
+    the logged models it ran (MLflow shows the run under each model)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
+
+    ids = [info["model_id"] for info in (model_info(path) for path, _ in models.values()) if info.get("model_id")]
+    name = f"{Path(p.dataset.rstrip('/')).name}/{p.split}"
+    source = p.dataset if storage.is_uri(p.dataset) else Path(p.dataset).resolve().as_uri()
+    data = Dataset(name=name, digest=dataset_digest(p), source_type="uri" if storage.is_uri(p.dataset) else "local",
+                   source=source)
+    tracking.client(uri).log_inputs(run_id, datasets=[DatasetInput(data, tags=[InputTag("mlflow.data.context",
+                                                                                         "evaluation")])],
+                                    models=[LoggedModelInput(model_id=i) for i in ids] or None)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -236,28 +355,34 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
     models = checkpoint_files(p, variants)
     videos = load_sequences(p)
 
+    import ray
+
+    from pipeline.cluster import init_ray, resolve_tracking_uri
+
+    started_ray = not ray.is_initialized()
+    ray_p = params.get("ray") or {}  # the local instance's size (section owned by train); results do not depend on it
+    store_mb = ray_p.get("object_store_mb")
+    init_ray(num_cpus=ray_p.get("num_cpus"), object_store_memory=store_mb * 2**20 if store_mb else None)
     root = tracking.project_root(params_path)
-    uri = tracking.tracking_uri(root, mlflow_p.tracking_uri)
-    tags = tracking.standard_tags(root, "evaluate")
+    try:  # inputs travel to the tasks through the object store: local paths are fine on a cluster
+        uri = resolve_tracking_uri(tracking.tracking_uri(root, mlflow_p.tracking_uri))
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
+    tags = {**tracking.standard_tags(root, "evaluate"), **model_tags(models)}
     run_params = {"evaluate": asdict(p), "memory": asdict(memory), "variant_names": [v.name for v in variants],
                   "n_sequences": len(videos)}
     parent_id = tracking.create_run(uri, mlflow_p.experiment, "evaluate", run_params, {**tags, "stm_role": "evaluation"})
     print(f"evaluate: {len(variants)} variants x {len(videos)} sequences on {p.dataset} ({p.split}); "
           f"MLflow run {parent_id} at {uri}", file=sys.stderr)
 
-    import ray
-
-    from pipeline.cluster import init_ray
-
-    started_ray = not ray.is_initialized()
     writer = outputs.ResultsWriter(results_dir)
     status = "FAILED"
     try:
-        ray_p = params.get("ray") or {}  # the local instance's size (section owned by train); results do not depend on it
-        store_mb = ray_p.get("object_store_mb")
-        init_ray(num_cpus=ray_p.get("num_cpus"), object_store_memory=store_mb * 2**20 if store_mb else None)
+        link_inputs(uri, parent_id, p, models)
         first = videos[0].name
-        by_variant = run_tasks(variants, videos, models, p, memory, writer, keep_masks={first})
+        by_variant, loads = run_tasks(variants, videos, models, p, memory, writer, keep_masks={first})
         summaries = [outputs.summarize_variant(v.name, [by_variant[v.name][s.name] for s in videos]) for v in variants]
         for s in summaries:
             writer.commit(s)
@@ -267,9 +392,12 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
                                 overlay_frames, first)
         _log_parent(uri, parent_id, summaries, written)
         info = {"parent_run_id": parent_id, "experiment": mlflow_p.experiment, "tracking_uri": uri,
+                "models": {k: model_info(path) for k, (path, _) in models.items()},
+                "nodes": sorted({r.node_id for runs in by_variant.values() for r in runs.values() if r.node_id}),
                 "children": children, "dataset": p.dataset, "split": p.split,
                 "training_data": {kind: checkpoint_training_data(data) for kind, (_, data) in models.items()},
-                "sequences": [v.name for v in videos], "variants": [asdict(v) for v in variants]}
+                "sequences": [v.name for v in videos], "variants": [asdict(v) for v in variants],
+                "checkpoint_loads": loads}  # per actor: sha256 -> loads (1 each: models load once per worker)
         write_json_atomic(results_dir / "evaluation.json", info)
         status = "FINISHED"
         return {"parent_run_id": parent_id, "metrics": outputs.metrics_json(summaries)}  # all METRICS
@@ -311,7 +439,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         out = evaluate(args.params, args.results, args.metrics, args.plots)
-    except (ParamsError, CheckpointError, DataError, MetricError, EvaluationError, ValueError) as err:
+    except (ParamsError, CheckpointError, DataError, MetricError, EvaluationError, ValueError, ClusterError) as err:
         print(f"stm evaluate: error: {err}", file=sys.stderr)
         return 2
     width = max(len(n) for n in out["metrics"])

@@ -5,7 +5,8 @@ A variant spec in `evaluate.variants` is one of
   stm:<policy>            the STM model with a frame policy: first, previous, first+previous,
                           every (N = memory.every), fifo (K = memory.fifo), or explicit every:N / fifo:K
   strmn                   the STRMN model, one variant per rule in memory.rules, K = memory.slots
-  strmn:<RULE>            one STRMN rule (A, B, C or D) with K = memory.slots
+                          (I2M in memory.rules: the input-to-memory ablation recurrent-i2m:K)
+  strmn:<RULE>            one STRMN rule (A, B, C, D or I2M) with K = memory.slots
   strmn:<policy>          the STRMN model with any explicit policy (recurrent:K:RULE, recurrent-i2m:K, ...)
   <policy>                a bare policy: recurrent* runs the STRMN model, anything else the STM model
 
@@ -16,6 +17,7 @@ folders, the keys of metrics/evaluate.json and the MLflow child runs.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -23,6 +25,8 @@ from stm_core.memory import validate_policy
 
 COPY_FIRST = "copy-first"
 RULES = ("A", "B", "C", "D")
+I2M = "I2M"
+POSTPROCESS = ("none", "strmn", "all")
 MODELS = ("stm", "strmn")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -34,8 +38,9 @@ class MemoryParams:
     every: int = 5  # STM every:N: a new memory frame every N frames (the paper's final model: 5)
     fifo: int = 8  # STM fifo:K: the first frame plus the K-1 latest memory frames
     slots: int = 3  # STRMN K: template slots of the recurrent memory (first frame included)
-    rules: list[str] = field(default_factory=lambda: list(RULES))  # STRMN update rules for `strmn`
+    rules: list[str] = field(default_factory=lambda: list(RULES))  # STRMN update rules for `strmn` (+ I2M)
     top_k: int | None = None  # memory read top-k at inference: null keeps the model's own, 0 reads all
+    postprocess: str = "strmn"  # drop blobs far from the previous frame's object: none | strmn | all (models)
 
     def __post_init__(self):
         if self.every < 1:
@@ -44,9 +49,11 @@ class MemoryParams:
             raise ValueError(f"fifo must be >= 2 (the first frame and at least one more), got {self.fifo}")
         if self.slots < 2:
             raise ValueError(f"slots must be >= 2 (the ground-truth slot and at least one more), got {self.slots}")
-        bad = [r for r in self.rules if r not in RULES]
+        bad = [r for r in self.rules if r not in (*RULES, I2M)]
         if bad or not self.rules:
-            raise ValueError(f"rules must be a non-empty list from {list(RULES)}, got {self.rules}")
+            raise ValueError(f"rules must be a non-empty list from {[*RULES, I2M]}, got {self.rules}")
+        if self.postprocess not in POSTPROCESS:
+            raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {self.postprocess!r}")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be null, 0 (all) or a positive integer, got {self.top_k}")
 
@@ -56,6 +63,7 @@ class Variant:
     name: str  # stable, filesystem-safe: stm-every-5
     model: str  # "stm", "strmn" or "none" (copy-first)
     policy: str  # memory policy for stm_core.memory.make_memory; "copy-first" for the baseline
+    postprocess: bool = False  # stm_core.postprocess on each prediction (STRMN's far-blob removal)
 
     @property
     def family(self) -> str:
@@ -66,6 +74,8 @@ class Variant:
     def rule(self) -> str | None:
         """STRMN update rule of a recurrent:K:RULE policy."""
         parts = self.policy.split(":")
+        if parts[0] == "recurrent-i2m":
+            return I2M
         return parts[2] if parts[0] == "recurrent" and len(parts) == 3 else None
 
     @property
@@ -95,9 +105,10 @@ def _expand(spec: str, memory: MemoryParams) -> list[Variant]:
     model, _, rest = spec.partition(":")
     if model not in MODELS:  # a bare policy
         model, rest = ("strmn" if spec.startswith("recurrent") else "stm"), spec
-    if model == "strmn" and rest in ("", *RULES):
+    if model == "strmn" and rest in ("", *RULES, I2M):
         rules = list(memory.rules) if rest == "" else [rest]
-        return [make_variant("strmn", f"recurrent:{memory.slots}:{r}") for r in rules]
+        return [make_variant("strmn", f"recurrent-i2m:{memory.slots}" if r == I2M else f"recurrent:{memory.slots}:{r}")
+                for r in rules]
     if rest == "":
         raise ValueError(f"{model!r} needs a memory policy, e.g. {model}:every")
     if rest == "every":
@@ -123,7 +134,8 @@ def parse_variants(specs: list[str], memory: MemoryParams) -> list[Variant]:
             if v.name in seen:
                 raise ValueError(f"evaluate.variants: {spec!r} gives {v.name}, which {seen[v.name]!r} gave already")
             seen[v.name] = str(spec)
-            variants.append(v)
+            post = memory.postprocess == "all" or (memory.postprocess == "strmn" and v.model == "strmn")
+            variants.append(dataclasses.replace(v, postprocess=post and v.model != "none"))
     if not variants:
         raise ValueError("evaluate.variants: no variant to evaluate")
     return variants

@@ -26,6 +26,7 @@ from stm_core.inference import InferenceCore, memory_entries, probabilities_to_m
 from stm_core.metrics import MetricError, SequenceScores, evaluate_sequence
 from stm_core.model.checkpoint import load_checkpoint
 from stm_core.model.network import STMNetwork
+from stm_core.postprocess import remove_far_blobs
 
 SIZE_TOLERANCE = 2  # masks this many pixels off their frame's size are resized (as stm_core.data.video)
 
@@ -53,6 +54,7 @@ class SequenceResult:
     peak_memory_bytes: int  # CUDA max allocated, or the process's peak RSS growth during the video
     memory_entries: int  # frames or slots held at the end (largest object group)
     memory_bytes: int  # bytes of the keys and values the memory read attends to at the end
+    node_id: str = ""  # the Ray node that ran it (empty outside Ray)
 
 
 def sha256(data: bytes) -> str:
@@ -61,28 +63,32 @@ def sha256(data: bytes) -> str:
 
 # ----------------------------------------------------------------------------- model cache
 
-_NETWORKS: dict[tuple[str, int | None, str], STMNetwork] = {}  # per worker process: tasks reuse a loaded model
+class NetworkCache:
+    """The networks one worker process holds, by (checkpoint sha256, top_k, device): each checkpoint is
+    loaded once per process however many (variant, sequence) items the process runs."""
 
+    def __init__(self):
+        self.networks: dict[tuple[str, int | None, str], STMNetwork] = {}
+        self.loads: dict[str, int] = {}  # checkpoint sha256 -> times loaded (for tests and logs)
 
-def cached_network(digest: str, fetch, top_k: int | None, device: str) -> STMNetwork:
-    """The checkpoint with this sha256 as a network on `device`; `fetch()` returns its bytes on a miss.
-
-    top_k: None keeps the checkpoint's setting, 0 reads all memory locations, k > 0 the k best.
-    """
-    key = (digest, top_k, device)
-    if key not in _NETWORKS:
-        data = fetch()
-        fd, tmp = tempfile.mkstemp(suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            overrides = {} if top_k is None else {"top_k": top_k or None}
-            network = load_checkpoint(tmp, map_location=device, **overrides).to(device)
-        finally:
-            os.unlink(tmp)
-        _warm_up(network, torch.device(device))
-        _NETWORKS[key] = network
-    return _NETWORKS[key]
+    def get(self, digest: str, fetch, top_k: int | None, device: str) -> STMNetwork:
+        """`fetch()` returns the checkpoint bytes on a miss. top_k: None keeps the checkpoint's
+        setting, 0 reads all memory locations, k > 0 the k best."""
+        key = (digest, top_k, device)
+        if key not in self.networks:
+            data = fetch()
+            fd, tmp = tempfile.mkstemp(suffix=".pt")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                overrides = {} if top_k is None else {"top_k": top_k or None}
+                network = load_checkpoint(tmp, map_location=device, **overrides).to(device)
+            finally:
+                os.unlink(tmp)
+            _warm_up(network, torch.device(device))
+            self.networks[key] = network
+            self.loads[digest] = self.loads.get(digest, 0) + 1
+        return self.networks[key]
 
 
 def _warm_up(network: STMNetwork, device: torch.device) -> None:
@@ -217,6 +223,8 @@ def _segment(network: STMNetwork, variant: Variant, payload: SequencePayload, gi
         probs = core.step(frame, mask)
         pred = probabilities_to_mask(probs, core.object_ids).cpu().numpy()  # syncs the device
         seconds += time.perf_counter() - start
+        if variant.postprocess and out and t not in given:  # STRMN's step: output only, memory untouched
+            pred = remove_far_blobs(pred, out[-1])
         if t in given:  # the annotation is exact where it speaks (as stm_core.inference.segment_video)
             pred = np.where(given[t] > 0, given[t], pred).astype(np.uint8)
         out.append(pred)
@@ -269,19 +277,34 @@ def run_sequence(variant: Variant, network: STMNetwork | None, payload: Sequence
                           memory_entries=entries, memory_bytes=nbytes)
 
 
-def remote_sequence(variant: Variant, model: tuple[str, list] | None, payload: SequencePayload, device: str,
-                    max_size: int | None, top_k: int | None, threads: int) -> SequenceResult:
-    """The body of the Ray task. `model` is (sha256, [ObjectRef of the checkpoint bytes]): the ref is
-    wrapped in a list so Ray does not fetch it when this worker already holds that network."""
-    torch.set_num_threads(max(1, threads))
-    network = None
-    if model is not None:
-        digest, box = model
+class EvaluationWorker:
+    """A Ray actor: one per reserved device share (one per GPU by default), fed (variant, sequence)
+    items one at a time. Models load once per actor, not once per task (Ray starts a fresh process
+    for every GPU task), and a sequence is timed with the device to itself."""
 
-        def fetch() -> bytes:
-            import ray
+    def __init__(self, device: str, max_size: int | None, top_k: int | None, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.device, self.max_size, self.top_k = device, max_size, top_k
+        self.cache = NetworkCache()
 
-            return ray.get(box[0])
+    def run(self, variant: Variant, model: tuple[str, list] | None, payload: SequencePayload) -> SequenceResult:
+        """`model` is (sha256, [ObjectRef of the checkpoint bytes]): the ref is wrapped in a list so
+        Ray does not fetch the bytes when this actor already holds that network."""
+        network = None
+        if model is not None:
+            digest, box = model
 
-        network = cached_network(digest, fetch, top_k, device)
-    return run_sequence(variant, network, payload, device, max_size)
+            def fetch() -> bytes:
+                import ray
+
+                return ray.get(box[0])
+
+            network = self.cache.get(digest, fetch, self.top_k, self.device)
+        result = run_sequence(variant, network, payload, self.device, self.max_size)
+        import ray
+
+        result.node_id = ray.get_runtime_context().get_node_id()  # which node ran it (cluster tests, logs)
+        return result
+
+    def loads(self) -> dict[str, int]:
+        return dict(self.cache.loads)

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.report.distinct import distinct_notes
 from stm_core.data.io import atomic_write_bytes
 
 # the columns of plots/evaluate_variants.csv (pipeline.evaluate.outputs.METRICS) the report shows
@@ -181,6 +182,20 @@ def strmn_table(rows: list[Row]) -> list[str]:
                    "Time (s/frame)", STRMN_PAPER], body)
 
 
+def i2m_table(rows: list[Row]) -> list[str]:
+    """STRMN Table 3: input-to-memory vs memory-to-memory (rule C), when both were evaluated."""
+    i2m = [r for r in rows if r.model == "strmn" and r.family == "recurrent-i2m"]
+    m2m = [r for r in rows if r.model == "strmn" and r.rule == "C"]
+    if not i2m or not m2m:
+        return []
+    body = [[label, pct(r.metrics["J_mean"]), pct(r.metrics["F_mean"]), pct(r.metrics["JF_mean"]),
+             " / ".join(f"{v:.1f}" for v in paper)]
+            for label, r, paper in (("Input to memory (I2M)", i2m[0], PAPER_STRMN_I2M),
+                                    ("Memory to memory (M2M, rule C)", m2m[0], PAPER_STRMN["C"]))]
+    return ["## STRMN input vs memory update (STRMN Table 3 layout)", "",
+            *_table(["Methods", "J", "F", "Avg", "Paper: J / F / Avg (DAVIS-17, STRMN Table 3)"], body), ""]
+
+
 def training_note(rows: list[Row]) -> str:
     """One sentence per model kind: what it was trained on, and which published figure fits it."""
     notes = []
@@ -239,6 +254,8 @@ def render_markdown(out: Path, evaluation: dict, rows: list[Row], chart: Path) -
         "",
         *(strmn_table(rows) if any(r.model == "strmn" for r in rows) else ["No STRMN variant in this evaluation."]),
         "",
+        *i2m_table(rows),
+        *[f"Note: {n}\n" for n in distinct_notes(rows)],
         "## Every variant",
         "",
         *all_table(rows),

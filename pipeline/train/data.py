@@ -1,8 +1,8 @@
 """Training batches for the trainer: synthetic Parquet rows and real-video clips -> padded tensors.
 
 The clip makers are stm_core's (`stm_core.data.clips` decodes the rows of `stm synthesize`,
-`stm_core.data.sampler` samples video clips with the skip curriculum); this module turns their
-clips into batches and draws overlays. Pure numpy/torch; the Ray plumbing lives in `train_loop`.
+`stm_core.data.sampler` samples video clips with the skip curriculum); `pipeline.train.input` runs
+them in Ray Data. This module crops synthetic clips, batches clips and draws overlays (numpy/torch).
 
 A clip is `frames: N x H x W x 3 uint8` plus `masks: N x H x W uint8` whose ids are 1..K for the
 objects visible in frame 0 (the memory frame) and 0 elsewhere; objects that only appear later are
@@ -12,7 +12,7 @@ background, as in STM's training.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -77,26 +77,10 @@ def clips_per_second(clips: int, seconds: float) -> float:
 
 def open_videos(data: dict) -> list:
     """The training videos named by the stage's data settings (DAVIS or YouTube-VOS layout)."""
+    from pipeline.storage import local_or_cached
     from stm_core.data.video import read_davis, read_youtube_vos
 
+    root = local_or_cached(data["path"])  # a URI: this node's copy of it
     if data["format"] == "youtube-vos":
-        return read_youtube_vos(data["path"], data["split"])
-    return read_davis(data["path"], data["split"])
-
-
-def synthetic_clips(rows: Sequence[dict], crop: int, max_objects: int, rng: np.random.Generator) -> list[Clip]:
-    """Parquet rows of `stm synthesize` -> prepared clips (cropped when larger than `crop`)."""
-    from stm_core.data.clips import decode_clip_arrays
-
-    return [prepare(decode_clip_arrays(row), crop, max_objects, rng) for row in rows]
-
-
-def video_batches(videos: Sequence, n_frames: int, batch_size: int, crop: int, max_objects: int,
-                  rng: np.random.Generator, skip_at: Callable[[], int]) -> Iterator[list[Clip]]:
-    """Endless batches of video clips; `skip_at()` is the curriculum's current max skip."""
-    from stm_core.data.sampler import VideoClipSampler, VideoSamplerConfig
-
-    sampler = VideoClipSampler(videos, VideoSamplerConfig(n_frames=n_frames, height=crop, width=crop,
-                                                          max_objects=max_objects))
-    while True:
-        yield [(c.frames, c.masks) for c in (sampler.sample(rng, skip_at()) for _ in range(batch_size))]
+        return read_youtube_vos(root, data["split"])
+    return read_davis(root, data["split"])

@@ -10,9 +10,19 @@ from pathlib import Path
 
 import torch
 
-from pipeline import tracking
+from pipeline import storage, tracking
+from pipeline.train import registry
+from pipeline.train.input import build_dataset
 from pipeline.train.loop import METRICS_FILE, STATE_FILE, train_loop
-from pipeline.train.settings import RUN_ID_FILE, TrainSettings, atomic_json, remove_storage, run_name
+from pipeline.train.settings import (
+    RUN_ID_FILE,
+    TrainSettings,
+    atomic_json,
+    remove_storage,
+    run_name,
+    shared_locations,
+)
+from stm_core.data.io import atomic_write_bytes
 from stm_core.model.checkpoint import load_checkpoint, save_checkpoint
 from stm_core.model.network import ModelConfig, STMNetwork
 
@@ -20,34 +30,21 @@ log = logging.getLogger("pipeline.train")
 
 
 # ----------------------------------------------------------------- run id beside the checkpoints
-def _read_text(storage: str, rel: str) -> str | None:
-    if "://" in storage:
-        import pyarrow.fs
-
-        fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+def _read_text(location: str, rel: str) -> str | None:
+    if storage.is_uri(location):
         try:
-            with fs.open_input_stream(f"{base}/{rel}") as f:
-                return f.read().decode().strip()
-        except (FileNotFoundError, OSError):
+            return storage.read_bytes(storage.join(location, rel)).decode().strip()
+        except FileNotFoundError:
             return None
-    p = Path(storage) / rel
+    p = Path(location) / rel
     return p.read_text().strip() if p.is_file() else None
 
 
-def _write_text(storage: str, rel: str, text: str) -> None:
-    if "://" in storage:
-        import pyarrow.fs
-
-        fs, base = pyarrow.fs.FileSystem.from_uri(storage)
-        fs.create_dir(f"{base}/{Path(rel).parent}", recursive=True)
-        with fs.open_output_stream(f"{base}/{rel}") as f:
-            f.write(text.encode())
+def _write_text(location: str, rel: str, text: str) -> None:
+    if storage.is_uri(location):
+        storage.write_bytes(storage.join(location, rel), text.encode())
         return
-    p = Path(storage) / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(p)
+    atomic_write_bytes(Path(location) / rel, (text + "\n").encode())
 
 
 def mlflow_run(s: TrainSettings, uri: str, storage: str, name: str, params: dict) -> tuple[str, bool]:
@@ -60,16 +57,16 @@ def mlflow_run(s: TrainSettings, uri: str, storage: str, name: str, params: dict
         return run_id, True
     tags = {**tracking.standard_tags(s.root, "pretrain" if s.stage == "pretrain" else "train"),
             "model": s.kind, "stage": s.stage, "ray_run": name}
-    run_id = tracking.create_run(uri, s.mlflow.experiment, f"train-{s.prefix}{s.stage}", params, tags)
+    run_id = tracking.create_run(uri, s.mlflow.experiment, f"train-{s.prefix}{s.stage}{s.rule_suffix}", params, tags)
     _write_text(storage, rel, run_id)
     return run_id, False
 
 
 # ----------------------------------------------------------------- config for the workers
-def loop_config(s: TrainSettings, world: int, init_payload, data_path: Path) -> dict:
+def loop_config(s: TrainSettings, world: int, init_payload, data_path: str) -> dict:
     sp = s.stage_params
     per_worker = max(1, s.batch_size // world)
-    data = {"kind": "parquet" if sp.data_format == "parquet" else "videos", "path": str(data_path),
+    data = {"kind": "parquet" if sp.data_format == "parquet" else "videos", "path": data_path,
             "format": sp.data_format, "split": sp.split, "shuffle_buffer": sp.shuffle_buffer}
     # One torch thread per reserved CPU: more threads than cores makes OpenMP spin and crawl.
     threads = max(1, int(s.ray.cpus_per_worker))
@@ -124,7 +121,15 @@ def export(result_checkpoint, s: TrainSettings) -> dict:
     network = STMNetwork(ModelConfig(**{**state["model_config"], "pretrained": "none"}))
     network.load_state_dict(state["model"])
     save_checkpoint(s.model_out, network, step=int(state["step"]), training_data=training_data(s))
-    return metrics
+    return metrics, network
+
+
+def storage_args(location: str) -> dict:
+    """RunConfig storage: a URI goes with its filesystem (the S3 endpoint travels with it)."""
+    if storage.is_uri(location):
+        fs, path = storage.filesystem(location)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": location}
 
 
 def write_dvc_outputs(s: TrainSettings, summary: dict) -> None:
@@ -143,21 +148,34 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import init_ray, shutdown_ray
+    from pipeline.cluster import alive_nodes, init_ray, require_shared, resolve_tracking_uri, shutdown_ray
 
     sp, rp = s.stage_params, s.ray
     data_path, init_path = s.data_path(), s.init_path()
+    data_location, location = s.data_location(), s.storage()
     if not data_path.exists():
         raise FileNotFoundError(f"{data_path}: training data not found (stage {s.stage}, data_format {sp.data_format})")
-    storage, name = s.storage(), run_name(s, init_path)
+    started_ray = not ray.is_initialized()
+    init_ray(num_cpus=rp.num_cpus, object_store_memory=rp.object_store_mb * 2**20 if rp.object_store_mb else None)
+    try:
+        nodes = alive_nodes()
+        require_shared("train", shared_locations(s), nodes)
+        uri = resolve_tracking_uri(tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri), nodes)
+        if storage.is_uri(data_location) and data_location != s.stage_params.data.replace("{model}", s.kind):
+            if storage.publish(data_path, data_location):  # the local DVC copy -> the store, when it changed
+                log.info("[train] mirrored %s to %s", data_path, data_location)
+    except BaseException:
+        if started_ray:
+            shutdown_ray()
+        raise
+    name = run_name(s, init_path)
     if fresh:
-        remove_storage(storage, name)
-    uri = tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri)
+        remove_storage(location, name)
     params = {"model": s.model.to_dict(), s.stage: dataclasses.asdict(sp), "ray": dataclasses.asdict(rp),
               "seed": s.seed, "frames": s.frames, **({"strmn": dataclasses.asdict(s.strmn)} if s.kind == "strmn" else {})}
-    run_id, reattached = mlflow_run(s, uri, storage, name, params)
+    run_id, reattached = mlflow_run(s, uri, location, name, params)
     log.info("[train] %s %s: run %s (%s), MLflow run %s (%s) at %s", s.kind, s.stage, name,
-             storage, run_id, "re-attached" if reattached else "new", uri)
+             location, run_id, "re-attached" if reattached else "new", uri)
 
     world = max(1, rp.num_workers)
     per_worker = max(1, s.batch_size // world)
@@ -166,33 +184,30 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
                     s.batch_size, world, per_worker * world, world, per_worker)
     log.info("[train] global batch %d = %d workers x %d clips per worker", per_worker * world, world, per_worker)
 
-    started_ray = not ray.is_initialized()
-    init_ray(num_cpus=rp.num_cpus, object_store_memory=rp.object_store_mb * 2**20 if rp.object_store_mb else None)
     status = "FAILED"
     try:
         payload = init_payload(init_path, s.kind)
         if payload is not None and rp.num_workers > 0:
             payload = ray.put(payload)  # workers on other nodes get it from the object store
-        config = loop_config(s, world, payload, data_path)
+        config = loop_config(s, world, payload, data_location)
         config["mlflow"] = {"uri": uri, "run_id": run_id}
+        config["driver_node"] = ray.get_runtime_context().get_node_id()
         if rp.num_workers == 0:  # in-process: Ray Train does not persist checkpoints, keep them here
-            config["local_checkpoints"] = str(Path(storage) / name / "local") if "://" not in storage else None
+            config["local_checkpoints"] = None if storage.is_uri(location) else str(Path(location) / name / "local")
         if fault:
             step, marker = fault.split(":", 1)
             config["fault"] = {"step": int(step), "marker": marker}
-        datasets = {}
-        if config["data"]["kind"] == "parquet":
-            ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars in DVC logs
-            ds = ray.data.read_parquet(str(data_path), file_extensions=["parquet"])
-            # Ray Data needs CPUs of its own; on a 2-CPU machine the training workers take them all
-            # and a streaming read never gets scheduled. Reading everything first avoids that.
-            datasets["train"] = ds.materialize() if sp.materialize else ds
+        # Ray Data needs CPUs of its own; on a 2-CPU machine the training workers take them all and a
+        # streaming read never gets scheduled: materialize (the embedded default) computes it first.
+        materialize = sp.materialize if sp.materialize is not None else not rp.use_gpu
+        datasets = {"train": build_dataset(config, sp.steps, per_worker * world, materialize)}
         resources = {"CPU": rp.cpus_per_worker, **({"GPU": rp.gpus_per_worker} if rp.use_gpu else {})}
         trainer = TorchTrainer(
-            train_loop, train_loop_config=config, datasets=datasets or None,
+            train_loop, train_loop_config=config, datasets=datasets,
             scaling_config=ScalingConfig(num_workers=rp.num_workers, use_gpu=rp.use_gpu,
-                                         resources_per_worker=resources if rp.num_workers > 0 else None),
-            run_config=RunConfig(name=name, storage_path=storage,
+                                         resources_per_worker=resources if rp.num_workers > 0 else None,
+                                         placement_strategy=rp.placement_strategy),
+            run_config=RunConfig(name=name, **storage_args(location),
                                  failure_config=FailureConfig(max_failures=sp.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=sp.num_to_keep)))
         t0 = time.perf_counter()
@@ -201,13 +216,19 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
         except ray.train.TrainingFailedError as err:
             log.error("[train] %s %s failed (max_failures=%d reached): %s\n[train] run the same command again "
                       "to resume from the last checkpoint in %s/%s", s.kind, s.stage, sp.max_failures,
-                      str(err).splitlines()[0] if str(err) else type(err).__name__, storage, name)
+                      str(err).splitlines()[0] if str(err) else type(err).__name__, location, name)
             return 1
         if result.checkpoint is None:
             raise RuntimeError(f"training run {name} ended without a checkpoint (error: {result.error})")
-        metrics = export(result.checkpoint, s)
+        metrics, network = export(result.checkpoint, s)
         metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
         write_dvc_outputs(s, metrics)
+        checkpoints = storage.join(location, name) if storage.is_uri(location) else str(Path(location) / name)
+        registry.log_and_register(uri, run_id, network, s, checkpoints)
+        if s.model_uri():  # other nodes (evaluation tasks, the next stage) read the model from the store
+            storage.write_bytes(s.model_uri(), s.model_out.read_bytes())
+            storage.write_bytes(storage.join(s.model_uri().rsplit("/", 1)[0], registry.MODEL_INFO),
+                                (s.model_out.parent / registry.MODEL_INFO).read_bytes())
         client = tracking.client(uri)
         client.log_dict(run_id, {k: v for k, v in metrics.items() if k != "curve"}, "training_summary.json")
         client.log_artifact(run_id, str(s.plot_out))

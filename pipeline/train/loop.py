@@ -24,14 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.train.data import (
-    clips_per_second,
-    collate,
-    open_videos,
-    overlay,
-    synthetic_clips,
-    video_batches,
-)
+from pipeline.train.data import clips_per_second, overlay
+from pipeline.train.schedule import check_plateau, plateau_setup
 from stm_core.data.sampler import max_skip_schedule
 from stm_core.model.network import ModelConfig, STMNetwork
 from stm_core.training import UnrollOutput, unroll_stm
@@ -112,27 +106,38 @@ def gather(obj, world: int) -> list:
     return out
 
 
-def data_batches(config: dict, rank: int, world: int, rng: np.random.Generator, skip: list[int]) -> Iterator:
-    """Endless lists of prepared clips for this rank."""
-    data, tp, batch = config["data"], config["train"], config["per_worker_batch"]
-    if data["kind"] == "videos":
-        yield from video_batches(open_videos(data), config["frames"], batch, tp["crop"], tp["max_objects"], rng,
-                                 lambda: skip[0])
-        return
+def data_batches(config: dict, rank: int, world: int, start: int) -> Iterator:
+    """Endless (frames, masks, valid) CPU batches for this rank from its Ray Data shard, prefetched.
+    Video rows of steps before `start` (already in the checkpoint) are skipped."""
     import ray.train
 
+    data, batch = config["data"], config["per_worker_batch"]
     shard = ray.train.get_dataset_shard("train")
+    shuffle = (data["shuffle_buffer"] or None) if data["kind"] == "parquet" else None
     epoch = 0
     while True:
         got = 0
-        for rows in shard.iter_batches(batch_size=batch, batch_format="pyarrow", drop_last=True,
-                                       local_shuffle_buffer_size=data["shuffle_buffer"] or None,
-                                       local_shuffle_seed=config["seed"] * 7919 + epoch * 31 + rank):
-            yield synthetic_clips(rows.to_pylist(), tp["crop"], tp["max_objects"], rng)
+        for columns in shard.iter_torch_batches(batch_size=batch, drop_last=True, device="cpu",
+                                                prefetch_batches=config.get("prefetch_batches", 2),
+                                                local_shuffle_buffer_size=shuffle,
+                                                local_shuffle_seed=config["seed"] * 7919 + epoch * 31 + rank):
             got += 1
+            if data["kind"] == "videos" and int(columns["step"].max()) < start:
+                continue
+            yield to_training(columns)
         if got == 0:
             raise ValueError(f"{data['path']}: fewer clips than one batch of {batch} per worker x {world} workers")
         epoch += 1
+
+
+def to_training(columns: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ray Data columns -> frames B x N x 3 x H x W float [0, 1], masks B x N x H x W long, valid B x O bool."""
+    frames = columns["frames"].permute(0, 1, 4, 2, 3).float().div_(255.0)
+    masks = columns["masks"].long()
+    counts = columns["n_objects"].long()
+    objects = max(1, int(counts.max())) if len(counts) else 1
+    valid = torch.arange(1, objects + 1)[None, :] <= counts[:, None]
+    return frames, masks, valid
 
 
 def allreduce_gradients(network: nn.Module, world: int) -> None:
@@ -189,6 +194,7 @@ def make_train_step(model: nn.Module, network: STMNetwork, optimizer, scaler, au
 
 
 def train_loop(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -228,36 +234,44 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"[train] resumed from the checkpoint at step {start} (restart {totals['restarts']})", flush=True)
 
+    nodes = gather(ray.get_runtime_context().get_node_id(), world)  # where each rank runs
     logger = None
     if rank == 0 and config["mlflow"]["run_id"]:
         from pipeline.tracking import RunLogger
 
         logger = RunLogger(config["mlflow"]["uri"], config["mlflow"]["run_id"])
+        logger.tags({"ray_nodes": ",".join(sorted(set(nodes))), "ray_rank_nodes": ",".join(nodes)})
         if checkpoint is not None:
             logger.metrics({"resumed_from_step": start}, step=start)
 
     total = tp["steps"]
-    skip = [max_skip_schedule(start, total, 0, tp["max_skip"], tp["skip_ramp"])]
-    batches = data_batches(config, rank, world, rng, skip)
+    skip = [max_skip_schedule(start, total, 0, tp["max_skip"], tp["skip_ramp"])]  # for the logs: the rows carry it
+    batches = data_batches(config, rank, world, start)
     loss_sum = torch.zeros((), device=device)
     count, interval_start = 0, time.perf_counter()
     fault = config.get("fault") or {}
+    fault_rank = faulty_rank(nodes, config.get("driver_node"))
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     train_step = make_train_step(model, network, optimizer, scaler, autocast, tp, config["strmn"], world)
+    plateau, val_batches = plateau_setup(config, device, totals)  # (None, []) unless lr_schedule: plateau
     model.train()
     for step in range(start, total):
-        if fault and step == fault["step"] and rank == world - 1 and not os.path.exists(fault["marker"]):
+        if fault and step == fault["step"] and rank == fault_rank and not os.path.exists(fault["marker"]):
             inject_fault(fault["marker"], rank, step)
         skip[0] = max_skip_schedule(step, total, 0, tp["max_skip"], tp["skip_ramp"])
-        batch = collate(next(batches))
+        batch = next(batches)
         if device.type == "cuda":  # pinned host memory: the copies overlap the previous step's kernels
             batch = tuple(t.pin_memory() for t in batch)
         frames, masks, valid = (t.to(device, non_blocking=True) for t in batch)
-        lr = lr_at(step, tp)
+        lr = lr_at(step, tp) * (plateau.scale if plateau is not None else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         out = train_step(frames, masks, valid)
         loss_sum += out.loss.detach()
+        if plateau is not None and (step + 1) % tp["val_every"] == 0:
+            error = check_plateau(plateau, unroll, val_batches, totals)
+            if rank == 0:
+                print(f"[train] step {step + 1} validation loss {error:.4f} lr x{plateau.scale:g}", flush=True)
         count += 1
         done = step + 1
         if done % tp["log_every"] and done % tp["checkpoint_every"] and done != total:
@@ -297,6 +311,13 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics)
 
 
+def faulty_rank(nodes: list[str], driver_node: str | None) -> int:
+    """Fault tests kill the last rank that runs on another node than the driver (the last rank on
+    one machine): on a cluster, the restart must then come from the stored checkpoint."""
+    remote = [r for r, n in enumerate(nodes) if driver_node and n != driver_node]
+    return remote[-1] if remote else len(nodes) - 1
+
+
 def inject_fault(marker: str, rank: int, step: int) -> None:
     """Tests of fault tolerance: this worker process dies (once: the marker file remembers).
 
@@ -310,7 +331,9 @@ def inject_fault(marker: str, rank: int, step: int) -> None:
         ray.train.get_all_reported_checkpoints(timeout_s=120)
     except Exception as err:  # noqa: BLE001 - alpha API; the crash must happen regardless
         print(f"[train] fault injection: could not wait for reported checkpoints: {err}", flush=True)
-    Path(marker).write_text(f"{os.getpid()} {step}\n")
+    import ray
+
+    Path(marker).write_text(f"{os.getpid()} {step} {ray.get_runtime_context().get_node_id()}\n")
     print(f"[train] fault injection: worker rank {rank} (pid {os.getpid()}) exits at step {step}", flush=True)
     os._exit(1)
 

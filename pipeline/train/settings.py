@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pipeline import storage
 from pipeline.params import ParamsError, load_params, section
 from pipeline.tracking import MlflowParams, project_root, workspace_root
 from stm_core.model.network import ModelConfig
@@ -29,7 +30,12 @@ class StageParams:
     steps: int = 100  # optimizer steps in the stage
     batch_size: int = 4  # global batch (clips per step), split evenly across Ray workers
     lr: float = 5e-4  # Adam learning rate (the paper: 1e-5 from ImageNet weights on GPUs)
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: fixed (paper) or cosine to 10%
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"  # after warm-up: fixed, cosine to 10%, or x0.1 on plateaus
+    val_every: int = 0  # (plateau) steps between validation checks
+    val_holdout: int = 0  # (plateau) last videos of the training split held out for validation (not trained on)
+    val_clips: int = 8  # (plateau) held-out clips per validation check (fixed)
+    plateau_factor: float = 0.1  # (plateau) learning-rate factor at each drop (the STRMN paper: 0.1)
+    plateau_patience: int = 0  # (plateau) checks without a decrease before a drop (the paper: 0)
     warmup_steps: int = 0  # linear learning-rate warm-up steps
     weight_decay: float = 0.0  # Adam weight decay
     grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
@@ -45,7 +51,7 @@ class StageParams:
     split: str = "train"  # video split (DAVIS ImageSets name / YouTube-VOS folder)
     init: str = "none"  # starting weights: none | pretrain (that stage's output for this model) | a path
     shuffle_buffer: int = 64  # Parquet rows in each worker's local shuffle buffer (0: no shuffle)
-    materialize: bool = True  # load the Parquet clips into Ray's object store first (2-CPU deadlock fix)
+    materialize: bool | None = None  # load the input into Ray's object store first; null: on CPU workers only (2-CPU deadlock fix)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
     checkpoint_every: int = 50  # steps between checkpoints (and always at the end)
     num_to_keep: int = 2  # checkpoints kept in storage
@@ -66,6 +72,11 @@ class StrmnParams:
     main_frames: int = 8  # frames per video clip in main training (the paper: 50)
     update: Literal["clip", "segment"] = "clip"  # one Adam step per clip batch, or per TBPTT segment (the paper)
     batch_size: int | None = None  # global batch of the STRMN stages (null: the stage's batch_size)
+    rules: list[str] = dataclasses.field(default_factory=lambda: ["C"])  # one main (fine-tuning) stage per rule (dvc foreach)
+    main_steps: int | None = None  # optimizer steps of each per-rule main stage (null: train.steps)
+    lr: float | None = None  # learning rate of the STRMN stages (null: the stage's lr; the paper: 1e-4)
+    lr_schedule: str | None = None  # schedule of the STRMN stages (null: the stage's; the paper: plateau)
+    continuous: bool = False  # main clips are consecutive frames (no skip), as the paper's 50-frame clips
 
 
 @dataclass
@@ -79,6 +90,7 @@ class RayParams:
     num_cpus: int | None = None  # CPUs of a local Ray instance (null: all); ignored on a cluster
     object_store_mb: int | None = None  # object store size of a local Ray instance in MiB (null: Ray's default)
     storage: str = "checkpoints"  # checkpoint storage: a path (relative to the project root) or a URI (s3://...)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # training workers over nodes
 
 
 @dataclass
@@ -94,6 +106,12 @@ class TrainSettings:
     root: Path  # workspace: data, models, metrics, checkpoints (DVC's temp copy in queued experiments)
     tracking_root: Path  # where the local MLflow store lives ($DVC_ROOT: the parent repository)
     params_file: Path
+    storage_root: str = ""  # params storage.root: the store every node reaches ("" on one machine)
+    rule: str | None = None  # STRMN main stage of one rule (`--rule`): its own output folder
+
+    @property
+    def rule_suffix(self) -> str:
+        return f"-{self.rule}" if self.rule else ""
 
     @property
     def prefix(self) -> str:
@@ -101,12 +119,13 @@ class TrainSettings:
 
     @property
     def model_out(self) -> Path:
-        return self.root / "models" / f"{self.prefix}{self.stage}" / "model.pt"
+        rule = [self.rule] if self.rule else []
+        return self.root.joinpath("models", f"{self.prefix}{self.stage}", *rule, "model.pt")
 
     @property
     def metrics_out(self) -> Path:
         suffix = "-strmn" if self.kind == "strmn" else ""
-        return self.root / "metrics" / f"train-{self.stage}{suffix}.json"
+        return self.root / "metrics" / f"train-{self.stage}{suffix}{self.rule_suffix}.json"
 
     @property
     def plot_out(self) -> Path:
@@ -126,7 +145,22 @@ class TrainSettings:
         return self.stage_params.batch_size
 
     def data_path(self) -> Path:
-        return resolve(self.root, self.stage_params.data.replace("{model}", self.kind))
+        """The local copy of the training data (DVC's dependency); for URI data, its node cache path."""
+        data = self.stage_params.data.replace("{model}", self.kind)
+        return storage.local_or_cached(data) if storage.is_uri(data) else resolve(self.root, data)
+
+    def data_location(self) -> str:
+        """Where Ray workers read the training data: a URI when params give one or storage.root is set
+        (the stage mirrors the local copy there), else the local path."""
+        data = self.stage_params.data.replace("{model}", self.kind)
+        if storage.is_uri(data):
+            return data
+        local = resolve(self.root, data)
+        return storage.remote_mirror(self.storage_root, self.root, local) or str(local)
+
+    def model_uri(self) -> str | None:
+        """The trained model's copy in the store (storage.root), or None on one machine."""
+        return storage.remote_mirror(self.storage_root, self.root, self.model_out)
 
     def init_path(self) -> Path | None:
         init = self.stage_params.init
@@ -137,8 +171,19 @@ class TrainSettings:
         return resolve(self.root, init)
 
     def storage(self) -> str:
+        """Ray Train's storage: ray.storage as a URI, else under storage.root, else a local folder."""
         s = self.ray.storage
-        return s if "://" in s else str(resolve(self.root, s))
+        if storage.is_uri(s):
+            return s
+        if self.storage_root and not Path(s).is_absolute():
+            return storage.join(storage.check_uri(self.storage_root, "storage.root"), s)
+        return str(resolve(self.root, s))
+
+
+def shared_locations(s: TrainSettings) -> dict[str, str]:
+    """What Ray workers on any node read or write: params key -> path or URI."""
+    section_name = "pretrain" if s.stage == "pretrain" else "train"
+    return {f"{section_name}.data": s.data_location(), "ray.storage": s.storage()}
 
 
 def resolve(root: Path, path: str) -> Path:
@@ -146,7 +191,7 @@ def resolve(root: Path, path: str) -> Path:
     return p if p.is_absolute() else (root / p).resolve()
 
 
-def settings(params_file: str | Path, stage: str, kind: str) -> TrainSettings:
+def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = None) -> TrainSettings:
     if stage not in STAGES:
         raise ParamsError(f"unknown stage {stage!r}; choose one of {STAGES}")
     params = load_params(params_file)
@@ -161,33 +206,40 @@ def settings(params_file: str | Path, stage: str, kind: str) -> TrainSettings:
     seed = params.get("seed", 0)
     if not isinstance(seed, int):
         raise ParamsError(f"{params_file}: seed: expected an integer, got {seed!r}")
-    return TrainSettings(stage, kind, model, section(params, name, StageParams), strmn, section(params, "ray", RayParams),
+    stage_params = section(params, name, StageParams)
+    if kind == "strmn":
+        from pipeline.train.per_rule import strmn_overrides
+
+        stage_params = strmn_overrides(params_file, name, strmn, stage_params)
+    else:
+        from pipeline.train.schedule import check_stage
+
+        try:
+            check_stage(stage_params, f"{params_file}: {name}")
+        except ValueError as err:
+            raise ParamsError(str(err)) from err
+    if rule is not None:
+        from pipeline.train.per_rule import apply_rule
+
+        strmn, stage_params = apply_rule(params_file, stage, kind, rule, strmn, stage_params)
+    return TrainSettings(stage, kind, model, stage_params, strmn, section(params, "ray", RayParams),
                          section(params, "mlflow", MlflowParams), seed, workspace_root(params_file),
-                         project_root(params_file), Path(params_file))
+                         project_root(params_file), Path(params_file),
+                         storage.storage_root(params), rule)
 
 
-def fingerprint(path: Path, limit: int = 50_000) -> str:
-    """Names and sizes of the files under `path` (or a file's bytes): cheap, and it changes when the
-    data set is regenerated with other settings."""
-    h = hashlib.sha256()
-    if path.is_file():
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    elif path.is_dir():
-        for i, p in enumerate(sorted(path.rglob("*"))):
-            if i >= limit:
-                break
-            if p.is_file():
-                h.update(f"{p.relative_to(path)}:{p.stat().st_size}\n".encode())
-    return h.hexdigest()
+def data_fingerprint(s: TrainSettings) -> str:
+    data = s.stage_params.data.replace("{model}", s.kind)
+    if storage.is_uri(data):  # no local copy: the store's listing
+        return hashlib.sha256("\n".join(storage.list_files(data)).encode()).hexdigest()
+    return storage.fingerprint(s.data_path())
 
 
 def run_name(s: TrainSettings, init: Path | None) -> str:
     """Same name <=> same training: re-running after a crash resumes, changed params start fresh."""
     recipe = {"model": s.model.to_dict(), "stage": dataclasses.asdict(s.stage_params), "seed": s.seed,
               "frames": s.frames, "strmn": dataclasses.asdict(s.strmn) if s.kind == "strmn" else None,
-              "data": fingerprint(s.data_path()), "init": fingerprint(init) if init else None}
+              "data": data_fingerprint(s), "init": storage.fingerprint(init) if init else None}
     for key in ("checkpoint_every", "num_to_keep", "max_failures", "log_every", "log_images_every", "materialize"):
         recipe["stage"].pop(key)  # bookkeeping: changing it must not throw away a half-done run
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -200,14 +252,8 @@ def atomic_json(path: Path, data: dict) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def remove_storage(storage: str, name: str) -> None:
-    if "://" in storage:
-        import pyarrow.fs
-
-        fs, base = pyarrow.fs.FileSystem.from_uri(storage)
-        try:
-            fs.delete_dir(f"{base}/{name}")
-        except FileNotFoundError:
-            pass
+def remove_storage(location: str, name: str) -> None:
+    if storage.is_uri(location):
+        storage.delete_dir(storage.join(location, name))
     else:
-        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+        shutil.rmtree(Path(location) / name, ignore_errors=True)

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from pipeline.cluster import ClusterError
 from pipeline.params import DEFAULT_PARAMS, ParamsError
 from pipeline.train.settings import FAULT_ENV, STAGES, settings
 
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=STAGES, required=True, help="pretrain (synthetic clips) or main (videos)")
     parser.add_argument("--model", choices=("stm", "strmn"), default="stm", help="which network to train")
     parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument("--rule", choices=("A", "B", "C", "D", "I2M"), default=None,
+                        help="STRMN main stage: train with this memory update rule into models/strmn-main/<RULE>/")
     parser.add_argument("--fresh", action="store_true", help="ignore and delete this run's earlier checkpoints")
 
 
@@ -31,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.train.driver import train
 
     try:
-        s = settings(args.params, args.stage, args.model)
+        s = settings(args.params, args.stage, args.model, args.rule)
         return train(s, fresh=args.fresh, fault=os.environ.get(FAULT_ENV, ""))
-    except (ParamsError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, FileNotFoundError, ValueError, ClusterError) as err:
         print(f"stm train: error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,9 @@
 """The built-in DAVIS-layout video benchmark (see `stm_core.data.builtin` for the ingredients).
 
-Each object follows a long, roughly straight path through the frame centre (so paths cross and
+Two styles. `hard` (the default, `stm_core.data.builtin_hard`): long videos where the memory
+matters: objects leave the frame and come back, are hidden by occluders, drift in colour, scale
+and rotation, enter mid-video, and share the frame with unannotated look-alikes. `easy` (the
+original smoke set, below): each object follows a long, roughly straight path through the frame centre (so paths cross and
 objects occlude each other), travelling 2-4 times its own size; it also spins, grows or shrinks
 and brightens or darkens. Some objects appear mid-video (their id first shows up in a later
 annotation, as in YouTube-VOS). The background is a tinted texture that pans slowly.
@@ -30,6 +33,20 @@ class BuiltinVideosConfig:
     object_size: list[float] = field(default_factory=lambda: [0.28, 0.4])  # [min, max] side / frame side
     travel: list[float] = field(default_factory=lambda: [0.6, 0.85])  # [min, max] path length / frame side
     enter_prob: float = 0.35  # chance that the last object (of 2+) enters mid-video
+    style: str = "hard"  # hard (events where memory matters) | easy (the original short, translating set)
+    leave_prob: float = 0.6  # (hard) chance per target that it leaves the frame once and comes back
+    occluders: int = 1  # (hard) unannotated occluders per sequence, each crossing a target
+    distractors: int = 1  # (hard) unannotated look-alikes of the targets per sequence
+    hue_drift: float = 75.0  # (hard) largest hue change of a target over the video, degrees
+    scale_change: list[float] = field(default_factory=lambda: [0.6, 1.6])  # (hard) [min, max] size factor over time
+    spin: float = 270.0  # (hard) largest rotation of a target over the video, degrees
+
+    def __post_init__(self) -> None:
+        if self.style not in ("hard", "easy"):
+            raise ValueError(f"builtin_videos.style must be 'hard' or 'easy', got {self.style!r}")
+        if self.frames < 2 or self.height < 16 or self.width < 16:
+            raise ValueError(f"builtin_videos: need frames >= 2 and a frame of at least 16x16, got "
+                             f"{self.frames} frames of {self.width}x{self.height}")
 
 
 @dataclass
@@ -124,6 +141,8 @@ def _acceptable(masks: np.ndarray, n_obj: int, min_area: float) -> bool:
 
 def write_builtin_videos(root: str | Path, cfg: BuiltinVideosConfig, seed: int) -> list[dict]:
     """DAVIS layout under `root`: JPEGImages/480p, Annotations/480p (every frame), ImageSets/2017/{train,val}.txt."""
+    from stm_core.data.builtin_hard import make_hard_sequence
+
     root = Path(root)
     min_area = 0.4 * (cfg.object_size[0] ** 2) * 0.5
     info = []
@@ -132,16 +151,20 @@ def write_builtin_videos(root: str | Path, cfg: BuiltinVideosConfig, seed: int) 
         for i in range(count):
             rng = np.random.default_rng(np.random.SeedSequence([seed, 2, split_id, i]))
             n_obj = 1 + (i % cfg.max_objects) if split == "val" else int(rng.integers(1, cfg.max_objects + 1))
-            frames, masks = make_sequence(cfg, rng, n_obj)
-            while not _acceptable(masks, n_obj, min_area):
-                frames, masks = make_sequence(cfg, rng, n_obj)
+            while True:  # redraw (same stream: still deterministic) until every target shows clearly
+                if cfg.style == "hard":
+                    frames, masks, meta = make_hard_sequence(cfg, rng, n_obj)
+                else:
+                    (frames, masks), meta = make_sequence(cfg, rng, n_obj), {}
+                if _acceptable(masks, n_obj, min_area):
+                    break
             name = f"{split}-{i:03d}"
             names.append(name)
             for t in range(cfg.frames):
                 atomic_write_bytes(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg", encode_image(frames[t], "jpeg", 95))
                 atomic_write_bytes(root / "Annotations" / "480p" / name / f"{t:05d}.png", index_mask_png(masks[t]))
             first = {int(k): int(next(t for t in range(cfg.frames) if (masks[t] == k).any())) for k in range(1, n_obj + 1)}
-            info.append({"sequence": name, "split": split, "objects": n_obj, "first_frame": first})
+            info.append({"sequence": name, "split": split, "objects": n_obj, "first_frame": first, **meta})
         atomic_write_bytes(root / "ImageSets" / "2017" / f"{split}.txt", ("\n".join(names) + "\n").encode())
     _write_json(root / "builtin.json", {"kind": "builtin-videos", "seed": seed, "config": asdict(cfg), "sequences": info})
     return info

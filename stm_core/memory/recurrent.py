@@ -11,7 +11,8 @@ Rules (slot numbers 1-based, as in the paper; the code is 0-based):
   B  i = K (newest in memory), fused into every j in 2..K-1, then removed
   C  (i, j) = argmin_{1<i<j<=K} S(X_i, X_j): the least similar pair (the paper's best)
   D  (i, j) = argmax_{1<i<j<=K} S(X_i, X_j): the most similar pair
-S is eq. 1-2 on the templates (stm_core.model.fusion.template_similarity); ties go to the first
+S is eq. 1-2 on the templates, or on the read keys when the Fusion Cell says `similarity="keys"`
+(stm_core.model.fusion.token_similarity; `model.similarity`); ties go to the first
 pair in row-major (i, j) order. Every object has its own memory (paper sec. 4.1.2), so pairs are
 chosen per object: a group's O objects, and a training batch's B clips, are updated in one
 batched gather / Fusion Cell call / index_put.
@@ -41,7 +42,7 @@ from torch import nn
 
 from stm_core.memory import register_policy
 from stm_core.memory.base import Encoded, Memory
-from stm_core.model.fusion import template_similarity
+from stm_core.model.fusion import template_similarity, token_similarity
 from stm_core.model.read import to_tokens
 
 RULES = ("A", "B", "C", "D")
@@ -101,11 +102,12 @@ def parse_policy(policy: str) -> tuple[int, str]:
     return int(capacity), rule
 
 
-def select_update(rule: str, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_update(rule: str, feature: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Which slot leaves and which slots it is fused into, per (clip, object), 0-based.
 
     feature: B x O x K x C x h x w (a full memory) -> source B x O, targets B x O x T
-    (T = K-2 for rules A and B, 1 for C and D).
+    (T = K-2 for rules A and B, 1 for C and D). key: B x O x K x hw x Ck read tokens: when given,
+    rules C and D compare keys instead of templates.
     """
     b, o, k = feature.shape[:3]
     device = feature.device
@@ -117,7 +119,10 @@ def select_update(rule: str, feature: torch.Tensor) -> tuple[torch.Tensor, torch
         targets = torch.arange(1, k - 1, device=device).expand(b, o, -1)
     elif rule in ("C", "D"):
         with torch.no_grad():  # a discrete choice: no gradient to give
-            sim = template_similarity(feature[:, :, 1:].flatten(0, 1), upper=True)  # BO x M x M, j > i
+            if key is None:
+                sim = template_similarity(feature[:, :, 1:].flatten(0, 1), upper=True)  # BO x M x M, j > i
+            else:
+                sim = token_similarity(key[:, :, 1:].flatten(0, 1), upper=True)
             score = sim if rule == "C" else -sim
             flat = score.nan_to_num(nan=float("inf")).flatten(1).argmin(dim=1)  # first minimum on ties
             m = k - 1
@@ -150,7 +155,8 @@ def update_slots(
         targets = torch.arange(1, n, device=device).expand(b, o, -1)
         source_feature = new.feature[:, :, 0]
     else:
-        source, targets = select_update(rule, slots.feature)
+        by_key = getattr(fusion, "similarity", "templates") == "keys"
+        source, targets = select_update(rule, slots.feature, slots.key if by_key else None)
         source_feature = slots.feature[bi[..., 0], oi[..., 0], source]  # B x O x C x h x w
     t = targets.shape[-1]
     x_j = slots.feature[bi, oi, targets]  # B x O x T x C x h x w

@@ -14,7 +14,13 @@ Templates are res4 maps, N x C x h x w (any leading dims are flattened into N). 
 over the h*w locations with `F.scaled_dot_product_attention`. Scale: the paper writes no scale
 (scale = 1); we default to 1/sqrt(C), as STM's official read does: res4 features are post-ReLU
 with C = 256..1024 channels, and unscaled dot products saturate the softmax to one-hot at
-initialisation, which starves the cell of gradient. `scale=1.0` gives the literal eq. 3.
+initialisation, which starves the cell of gradient. `scale=1.0` gives the literal eq. 3
+(params: `model.fusion_scale: sqrt | none`).
+
+The similarity S that rules C and D compare (eq. 1-2) is computed on the res4 templates by
+default; `similarity="keys"` computes it on the slots' read keys instead (the paper speaks of
+keys; params: `model.similarity: templates | keys`). The cell only carries the choice, so the
+network's one config decides it for training and inference alike.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+SIMILARITIES = ("templates", "keys")
 
 
 def small_cnn(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
@@ -45,10 +53,13 @@ def fam(xa: torch.Tensor, xb: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class FusionCell(nn.Module):
-    def __init__(self, channels: int, hidden: int = 64, scale: float | None = None):
+    def __init__(self, channels: int, hidden: int = 64, scale: float | None = None, similarity: str = "templates"):
         super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {similarity!r}; choose one of {SIMILARITIES}")
         self.channels = channels
         self.scale = 1.0 / math.sqrt(channels) if scale is None else scale
+        self.similarity = similarity  # what rules C/D compare: res4 templates or read keys
         self.f = small_cnn(2 * channels, hidden, channels)  # filter gate r
         self.h = small_cnn(2 * channels, hidden, channels)  # update gate z
         self.g = small_cnn(2 * channels, hidden, channels)  # candidate n
@@ -73,8 +84,13 @@ def template_similarity(templates: torch.Tensor, upper: bool = False, eps: float
     S is not symmetric. `upper`: compute only j > i (what the update rules compare, i < j); the
     other entries are NaN. Rows are computed one at a time, so the peak is N x K x hw x hw.
     """
-    n, k = templates.shape[:2]
-    tokens = F.normalize(templates.flatten(3).transpose(2, 3).float(), dim=-1, eps=eps)  # N x K x hw x C
+    return token_similarity(templates.flatten(3).transpose(2, 3), upper, eps)
+
+
+def token_similarity(tokens: torch.Tensor, upper: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 1-2 on location tokens: N x K x L x C (templates as hw x C, or read keys) -> N x K x K."""
+    n, k = tokens.shape[:2]
+    tokens = F.normalize(tokens.float(), dim=-1, eps=eps)  # N x K x L x C
     sim = tokens.new_full((n, k, k), float("nan"))
     for i in range(k):
         others = tokens[:, i + 1 :] if upper else tokens

@@ -37,6 +37,8 @@ class ModelConfig:
     decoder_dim: int = 256  # channels of the refinement decoder (256 in the paper)
     top_k: int | None = None  # read only the k most similar memory locations (None: all, as STM)
     fusion_dim: int = 64  # hidden channels of the Fusion Cell's small CNNs f, g, h (STRMN)
+    fusion_scale: Literal["sqrt", "none"] = "sqrt"  # Fusion Cell attention scale: 1/sqrt(C) | none (eq. 3)
+    similarity: Literal["templates", "keys"] = "templates"  # STRMN rules C/D compare res4 templates | read keys
 
     def __post_init__(self):
         if self.backbone not in BACKBONE_CHANNELS:
@@ -80,7 +82,8 @@ class STMNetwork(nn.Module):
         if config.kind == "strmn":
             from stm_core.model.fusion import FusionCell
 
-            self.fusion = FusionCell(c4, config.fusion_dim)
+            self.fusion = FusionCell(c4, config.fusion_dim, scale=1.0 if config.fusion_scale == "none" else None,
+                                     similarity=config.similarity)
 
     def encode_query(self, frames: torch.Tensor) -> QueryFeatures:
         """frames: B x 3 x H x W in [0, 1]; encoded once per frame, shared by all objects."""

@@ -1,0 +1,180 @@
+"""Real services on loopback for the two-node test: a moto S3 server, an `mlflow server`, and a Ray
+cluster of two nodes whose second node lives in its own mount namespace.
+
+Every process is started in its own session and stopped by its process group; anything left that
+names this run's private folder in its command line is then killed by pid. Nothing here touches
+Ray processes that other people run on the machine (fresh ports, a private temp dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}) before {url} answered:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{tail(log)}")
+
+
+def tail(log: Path | None, n: int = 4000) -> str:
+    if log is None or not log.is_file():
+        return ""
+    return log.read_text(errors="replace")[-n:]
+
+
+class Processes:
+    """Started processes (each a session leader) and the marker that names leftovers as ours."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+        out = log.open("wb")
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, timeout: float = 20) -> None:
+        for proc in reversed(self.procs):
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in self.leftovers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+    def leftovers(self) -> list[int]:
+        """Our processes still alive: their command line names this run's private folder."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if self.marker in cmdline:
+                pids.append(int(entry.name))
+        return pids
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def start_moto(procs: Processes, base: Path, env: dict[str, str]) -> str:
+    port = free_port()
+    proc = procs.start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], base / "moto.log", env)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url, 60, proc, base / "moto.log")
+    return url
+
+
+def start_mlflow(procs: Processes, base: Path, env: dict[str, str], artifacts: str) -> tuple[str, subprocess.Popen]:
+    """-> (URL, process): not waited for (it starts in parallel with Ray); see wait_mlflow."""
+    port = free_port()
+    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}", "--artifacts-destination", artifacts,
+            "--workers", "1"]
+    proc = procs.start(args, base / "mlflow.log", env)
+    return f"http://127.0.0.1:{port}", proc
+
+
+def wait_mlflow(url: str, proc: subprocess.Popen, base: Path) -> None:
+    wait_http(f"{url}/health", 240, proc, base / "mlflow.log")
+
+
+def ray_ports() -> list[str]:
+    """Per-node agent ports: two nodes on one address must not share them."""
+    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+
+
+def start_head(procs: Processes, base: Path, env: dict[str, str], cpus: int) -> tuple[str, str]:
+    """-> (GCS address, dashboard URL)."""
+    port, dash = free_port(), free_port()
+    args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+            "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir", str(base / "rh"), "--include-dashboard", "true",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+            "--ray-client-server-port", str(free_port()), *ray_ports()]
+    proc = procs.start(args, base / "ray-head.log", env)
+    url = f"http://127.0.0.1:{dash}"
+    wait_http(f"{url}/api/version", 180, proc, base / "ray-head.log")
+    return f"127.0.0.1:{port}", url
+
+
+def start_hidden_worker(procs: Processes, base: Path, env: dict[str, str], address: str, cpus: int,
+                        hide: list[Path]) -> subprocess.Popen:
+    """A second node in its own mount namespace: every folder in `hide` is an empty tmpfs there, so it
+    sees none of the head's files in them (the head's Ray temp dir, the project's outputs)."""
+    mounts = " && ".join(f"mount -t tmpfs -o size=64m none {_q(p)}" for p in hide)
+    ray = " ".join(_q(a) for a in [str(BIN / "ray"), "start", "--block", "--address", address, "--node-ip-address",
+                                   "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir",
+                                   str(base / "rw"), *ray_ports()])
+    script = f"set -e; {mounts}; exec {ray}"
+    return procs.start(["unshare", "-m", "--propagation", "private", "bash", "-c", script], base / "ray-worker.log", env)
+
+
+def _q(s: str | Path) -> str:
+    return "'" + str(s).replace("'", "'\\''") + "'"
+
+
+def alive_nodes(dashboard: str) -> list[dict]:
+    with urllib.request.urlopen(f"{dashboard}/nodes?view=summary", timeout=10) as r:
+        data = json.loads(r.read())
+    return [n["raylet"] for n in data["data"]["summary"] if n.get("raylet", {}).get("state") == "ALIVE"]
+
+
+def wait_nodes(dashboard: str, count: int, timeout: float, log: Path) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    nodes: list[dict] = []
+    while time.monotonic() < deadline:
+        try:
+            nodes = alive_nodes(dashboard)
+        except (OSError, KeyError, ValueError):
+            nodes = []
+        if len(nodes) >= count:
+            return nodes
+        time.sleep(1)
+    raise TimeoutError(f"{len(nodes)} of {count} Ray nodes alive after {timeout:.0f} s:\n{tail(log)}")

@@ -1,0 +1,70 @@
+"""The plateau learning-rate schedule (STRMN sec. 3.4.2) and its held-out validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.params import ParamsError
+from pipeline.train.schedule import Plateau, check_plateau, holdout, plateau_setup, split_holdout
+from pipeline.train.settings import settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_rate_drops_tenfold_each_time_the_error_does_not_decrease():
+    p = Plateau()
+    assert [p.update(e) for e in (1.0, 0.8, 0.9, 0.7, 0.7, 0.6)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    patient = Plateau(patience=1)
+    assert [patient.update(e) for e in (1.0, 1.1, 1.2)] == pytest.approx([1, 1, 0.1])
+    restored = Plateau()
+    restored.load_state_dict(p.state_dict())
+    assert restored == p
+    with pytest.raises(ValueError, match="finite"):
+        p.update(float("nan"))
+
+
+def test_holdout_only_for_plateau_stages_and_never_everything():
+    assert holdout({"lr_schedule": "constant", "val_holdout": 3}) == 0
+    assert holdout({"lr_schedule": "plateau", "val_holdout": 3}) == 3
+    assert split_holdout(list("abcde"), 2) == (list("abc"), list("de"))
+    with pytest.raises(ValueError, match="leaves no training video"):
+        split_holdout(list("ab"), 2)
+
+
+def test_paper_recipe_fine_tunes_strmn_on_a_plateau_and_rejects_parquet_plateaus(tmp_path: Path):
+    s = settings(REPO / "params-paper.yaml", "main", "strmn", "C")
+    assert (s.stage_params.lr, s.stage_params.lr_schedule, s.strmn.slots) == (1e-4, "plateau", 5)
+    assert s.stage_params.val_holdout > 0 and s.strmn.continuous and s.stage_params.max_skip == 0
+    assert (s.strmn.main_frames, s.strmn.segment_length, s.model.norm) == (50, 10, "group")
+    text = (REPO / "params.yaml").read_text().replace(
+        "  lr_schedule: constant  # constant (the paper)", "  lr_schedule: plateau  # constant (the paper)", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=r"params.yaml: pretrain.*plateau needs held-out videos"):
+        settings(tmp_path / "params.yaml", "pretrain", "stm")
+
+
+def test_validation_runs_on_held_out_clips_and_is_kept_for_checkpoints(tmp_path: Path):
+    import torch
+
+    from pipeline.train.loop import Unroll
+    from stm_core.data.builtin_videos import BuiltinVideosConfig, write_builtin_videos
+    from stm_core.model.network import ModelConfig, STMNetwork
+
+    root = tmp_path / "videos"
+    write_builtin_videos(root, BuiltinVideosConfig(height=48, width=48, frames=6, train_sequences=3, val_sequences=0), 0)
+    train = {"lr_schedule": "plateau", "val_holdout": 1, "val_clips": 2, "plateau_factor": 0.1, "plateau_patience": 0,
+             "crop": 48, "max_objects": 2, "loss": "ce", "bootstrap_top_p": 0.15}
+    config = {"train": train, "frames": 3, "seed": 0, "per_worker_batch": 2,
+              "data": {"kind": "videos", "path": str(root), "format": "davis", "split": "train"}}
+    totals: dict = {}
+    plateau, batches = plateau_setup(config, torch.device("cpu"), totals)
+    assert plateau is not None and len(batches) == 1 and batches[0][0].shape[:2] == (2, 3)
+    torch.manual_seed(0)
+    unroll = Unroll(STMNetwork(ModelConfig(decoder_dim=16)), train, {})
+    first = check_plateau(plateau, unroll, batches, totals)
+    again = check_plateau(plateau, unroll, batches, totals)
+    assert first == pytest.approx(again)  # fixed clips, same weights: no decrease, so one drop
+    assert totals["plateau"]["scale"] == pytest.approx(0.1) and unroll.training
+    assert plateau_setup({**config, "train": {**train, "lr_schedule": "constant"}}, torch.device("cpu"), {}) == (None, [])

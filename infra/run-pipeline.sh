@@ -22,7 +22,8 @@
 #   STM_STORAGE_ROOT   the store every node reaches (s3://, gs://, file:// on a shared mount): the
 #                      stages keep what crosses nodes there (storage.root in params wins)
 #   STM_DVC_REMOTE     the remote's URL for this job (s3://..., gs://..., a shared mount), instead
-#                      of the `cluster` URL in .dvc/config (default: $STM_STORAGE_ROOT/dvc); set one
+#                      of the `cluster` URL in .dvc/config (default: <storage.root or
+#                      $STM_STORAGE_ROOT>/dvc, the store the stages use); set one
 #                      on a cluster. With `none`, nothing is pulled or pushed (outputs stay in the
 #                      job's directory).
 #   STM_DVC_TARGETS    stages to reproduce, with what they depend on (default: all)
@@ -39,8 +40,13 @@ fi
 [[ -d .git ]] || git init -q
 
 remote="${STM_DVC_REMOTE:-}"
-if [[ -z "$remote" && -n "${STM_STORAGE_ROOT:-}" ]]; then
-  remote="${STM_STORAGE_ROOT%/}/dvc"
+if [[ -z "$remote" ]]; then  # the same store as the stages: storage.root in params, else STM_STORAGE_ROOT
+  root="$(python -c 'import yaml; p = yaml.safe_load(open("params.yaml")) or {}; print((p.get("storage") or {}).get("root") or "")')"
+  root="${root:-${STM_STORAGE_ROOT:-}}"
+  if [[ -n "$root" ]]; then
+    remote="${root%/}/dvc"
+    remote="${remote#file://}"  # DVC takes a shared mount as a plain path
+  fi
 fi
 if [[ -n "$remote" && "$remote" != "none" ]]; then
   dvc remote add --local --force cluster "$remote"  # overrides the URL in .dvc/config for this job only

@@ -197,7 +197,7 @@ def test_summary_labels_survive_memory_size_changes():
 
     assert [short_label(n) for n in ("copy-first", "stm-first-previous", "stm-every-5", "stm-fifo-8",
                                      "strmn-recurrent-3-C", "strmn-recurrent-i2m-4")] == [
-        "copy-first", "stm-first-previous", "stm-every", "stm-fifo", "strmn-C", "strmn-i2m"]
+        "copy-first", "first-previous", "every", "fifo", "strmn-C", "strmn-i2m"]
     rng = np.random.default_rng(0)
     gt = [(rng.random((16, 16)) > 0.5).astype(np.uint8) for _ in range(4)]
     two = [summarize_variant(n, [_result(n, "a", gt, gt, 0.5)]) for n in ("stm-every-5", "stm-every-2")]
@@ -382,9 +382,9 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert list(metrics) == expected
     summary = json.loads(Path("metrics/summary.json").read_text())
-    labels = ["copy-first", "stm-first", "stm-every"] + (["strmn-A", "strmn-C"] if HAS_STRMN else [])
+    labels = ["copy-first", "first", "every"] + (["strmn-A", "strmn-C"] if HAS_STRMN else [])
     assert list(summary) == ["JF", "FPS"] and list(summary["JF"]) == labels == list(summary["FPS"])
-    assert summary["JF"]["stm-every"] == round(100 * metrics["stm-every-2"]["JF_mean"], 1)
+    assert summary["JF"]["every"] == round(100 * metrics["stm-every-2"]["JF_mean"], 1)
     gt_dir = data / "Annotations" / "480p"
     direct = {}
     for name in expected:

@@ -73,16 +73,19 @@ def metrics_json(summaries: Sequence[VariantSummary], keys: Sequence[str] = METR
 
 
 def short_label(name: str) -> str:
-    """A column name that stays put when only memory sizes change: the variant name without its
-    numbers and the `recurrent` of STRMN policies (stm-every-5 -> stm-every, strmn-recurrent-3-C -> strmn-C).
-    So `dvc exp show` compares `-S memory.slots=5` with the baseline in the same column."""
+    """A column name that stays put when only memory sizes change, and short enough that J&F of
+    every default variant fits one 200-column `dvc exp show`: the variant name without its numbers,
+    the `stm-` of STM policies and the `recurrent` of STRMN ones (stm-every-5 -> every,
+    strmn-recurrent-3-C -> strmn-C). So `-S memory.slots=5` lands in the baseline's column."""
     parts = [p for p in name.split("-") if not p.isdigit() and p != "recurrent"]
+    if len(parts) > 1 and parts[0] == "stm":
+        parts = parts[1:]
     return "-".join(parts) or name
 
 
 def summary_json(summaries: Sequence[VariantSummary]) -> dict[str, dict[str, float | None]]:
     """metrics/summary.json: {"JF": {label: J&F x100}, "FPS": {label: fps}}, one decimal, labels from
-    `short_label` (the full name where two variants would share one)."""
+    `short_label` (the full name where two variants would share one, or a label would be a name)."""
     labels = [short_label(s.name) for s in summaries]
     labels = [label if labels.count(label) == 1 else s.name for label, s in zip(labels, summaries)]
 

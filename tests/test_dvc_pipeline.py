@@ -116,11 +116,12 @@ def test_every_stage_ran_once_and_reads_exactly_its_declared_params(project):
         if record["stage"]:
             reads.setdefault(record["stage"], set()).update(record["reads"])
     declared = declared_params(project["root"])
-    assert set(reads) == set(declared), "every stage reads params.yaml"
+    assert set(reads) <= set(declared), f"reads from processes that are no stage: {set(reads) - set(declared)}"
+    assert set(reads) >= {s for s, keys in declared.items() if keys}, "a stage with params never loaded them"
     problems = []
-    for stage, keys in declared.items():
-        leaves = {r for r in reads[stage] if not r.endswith(".*")}
-        touched = {r.removesuffix(".*") for r in reads[stage]}
+    for stage, keys in declared.items():  # report reads no params at all: nothing to declare
+        leaves = {r for r in reads.get(stage, set()) if not r.endswith(".*")}
+        touched = {r.removesuffix(".*") for r in reads.get(stage, set())}
         undeclared = sorted(r for r in leaves if r not in PLACEMENT_KEYS
                             and not any(r == d or r.startswith(d + ".") for d in keys))
         unread = sorted(d for d in keys if not any(t == d or t.startswith(d + ".") for t in touched))
@@ -176,10 +177,17 @@ def test_readme_exp_show_fits_jf_per_variant_in_200_columns(project):
 
 
 def test_training_curves_are_dvc_plots(project):
-    shown = run(["dvc", "plots", "show", "--json"], project["root"], project["env"]).stdout
-    data = json.loads(shown)
-    for name in ("train-pretrain", "train-pretrain-strmn", "train-main", "train-main-strmn"):
-        path = f"plots/{name}.csv"
-        assert path in data.get("data", data), f"{path} not among DVC plots"
-        rows = (project["root"] / path).read_text().splitlines()
-        assert rows == ["step,loss", *(f"{s}," + rows[s].split(",")[1] for s in (1, 2))], rows
+    root = project["root"]
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], root, project["env"]).stdout)
+    plots = set(shown.get("data", shown))
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    training = {name for name, stage in lock.items() if stage["cmd"].startswith("stm train")}
+    assert len(training) >= 4, sorted(training)
+    for name in training:
+        (curve,) = [o["path"] for o in lock[name]["outs"] if o["path"].startswith("plots/train-")]
+        assert curve in plots, f"{name}: {curve} is not among DVC plots"
+        (metrics,) = [o["path"] for o in lock[name]["outs"] if o["path"].startswith("metrics/train-")]
+        rows = (root / curve).read_text().splitlines()
+        steps = [int(r.split(",")[0]) for r in rows[1:]]
+        assert rows[0] == "step,loss" and steps == sorted(set(steps)), (curve, rows)  # log_every = 1 here
+        assert steps == list(range(1, json.loads((root / metrics).read_text())["steps"] + 1)), (curve, rows)

@@ -191,7 +191,7 @@ def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict
 def variant_params(v: Variant, p: EvaluateParams, memory: MemoryParams, models, n_seq: int) -> dict:
     path, data = models.get(model_key(v, p.strmn_model), (None, b""))
     return {"variant": v.name, "model": v.model, "policy": v.policy, "family": v.family,
-            "rule": v.rule or "", "memory_size": v.size if v.size is not None else "",
+            "rule": v.rule or "", "memory_size": v.size if v.size is not None else "", "postprocess": v.postprocess,
             "checkpoint": str(path) if path else "", "checkpoint_sha256": sha256(data)[:16] if path else "",
             "training_data": checkpoint_training_data(data) if path else "",
             "top_k": memory.top_k, "device": resolve_device(p.device), "max_size": p.max_size,

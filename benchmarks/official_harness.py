@@ -78,6 +78,7 @@ def run_video(
     n = torch.tensor([num_objects])
     estimates = torch.zeros_like(masks)
     estimates[:, :, 0] = masks[:, :, 0]
+    keys = values = None  # the memorised frames before t-1; set after frame 1, as upstream
     for t in range(1, num_frames):
         start = time.perf_counter()
         prev_key, prev_value = model(frames[:, :, t - 1], estimates[:, :, t - 1], n)  # memorize

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from official_harness import OFFICIAL_URL, official_stm, one_hot, run_video
 from PIL import Image
 
-from official_harness import OFFICIAL_URL, official_stm, one_hot, run_video
 from stm_core.data.io import read_frame, read_index_mask
 from stm_core.inference import InferenceCore, segment_video
 from stm_core.model.checkpoint import load_checkpoint

@@ -1,4 +1,5 @@
-"""Inference-only fast path: frozen BatchNorm folded into the convolution in front of it.
+"""Inference-only fast path: frozen BatchNorm folded into the convolution in front of it, and
+3x3 convolutions by Winograd on CPU (`WinogradConv2d`).
 
 Frozen BatchNorm is an affine map per channel, y = (x - mean) * s + beta with
 s = gamma / sqrt(var + eps), so `bn(conv(x))` equals one convolution with weights W * s and bias

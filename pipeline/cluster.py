@@ -91,8 +91,8 @@ def require_shared(stage: str, locations: Mapping[str, str], nodes: list[dict] |
         where = os.environ.get("RAY_ADDRESS") or "the connected cluster"
         names = "; ".join(f"{k} = {v}" for k, v in local.items())
         raise ClusterError(
-            f"stm {stage}: {names}: a local path, but Ray at {where} has {len(nodes)} nodes that share no disk, so "
-            "tasks on other nodes would not find it. Set storage.root to a URI every node reaches "
+            f"{names}: a local path, but Ray at {where} has {len(nodes)} nodes that share no disk, so the tasks of "
+            f"`stm {stage}` on other nodes would not find it. Set storage.root to a URI every node reaches "
             "(s3://bucket/prefix, gs://..., or file:// on a shared mount), or give these keys URIs.")
 
 

@@ -1,7 +1,8 @@
 """Speed and memory benchmark: `python -m stm_core.bench --memory every:5 --frames 100 ...`.
 
 Runs with torch alone (no Ray/MLflow): random weights, synthetic frames already on the device,
-file IO excluded, warm-up frames excluded; CUDA events on GPU. Prints and optionally writes JSON:
+file IO excluded, warm-up frames excluded; CUDA events on GPU. Inference takes InferenceCore's
+fast path (`STMNetwork.fused_for_inference`) unless `--no-fast`. Prints and optionally writes JSON:
 fps (frames per second, all objects), ms_per_frame, peak_memory_bytes (CUDA max allocated, or the
 process's peak RSS growth on CPU), memory_entries (frames or slots held at the end), the settings.
 
@@ -82,7 +83,7 @@ def bench_video(args: argparse.Namespace) -> dict:
     # A small pool of frames on the device: generating frames is not what we measure.
     pool = torch.rand(min(8, args.frames), 3, args.height, args.width, generator=g).to(device)
     mask = synthetic_mask(args.height, args.width, args.objects, g).to(device)
-    core = InferenceCore(network, args.memory, device=device, amp=args.amp)
+    core = InferenceCore(network, args.memory, device=device, amp=args.amp, fast=not args.no_fast)
     timer = Timer(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -149,7 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="channels-last weights (the fast path does this on GPU)")
+    p.add_argument("--no-fast", action="store_true",
+                   help="run the network as trained, without InferenceCore's fused fast path (BatchNorm folded, Winograd)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--warmup", type=int, default=5, help="frames (after the first) excluded from timing")
     p.add_argument("--repeats", type=int, default=20, help="read mode: timed repetitions")

@@ -48,12 +48,14 @@ class InferenceCore:
         device: str | torch.device | None = None,
         max_internal_size: int | None = None,  # longest side the network sees; None: native
         amp: bool = True,  # bf16 autocast on CUDA (ignored on CPU)
+        fast: bool = True,  # run network.fused_for_inference(): BatchNorm folded, Winograd (CPU)
     ):
-        self.network = network.eval()
         self.policy = memory
         make_memory(memory, network)  # fail now, not at the first frame, on a bad policy
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
-        self.network.to(self.device)
+        # The fused copy equals the network up to float rounding (fp32 ~1e-5); `network` stays as it is.
+        self.channels_last = fast and self.device.type == "cuda"  # NNPACK's Winograd is CPU-only, NCHW
+        self.network = (network.fused_for_inference(self.channels_last) if fast else network.eval()).to(self.device)
         self.max_internal_size = max_internal_size
         self.amp = amp and self.device.type == "cuda"
         self.groups: list[_Group] = []
@@ -91,6 +93,8 @@ class InferenceCore:
         image = F.interpolate(frame[None], size=size, mode="bilinear", align_corners=False) if size != (
             height, width) else frame[None]
         image, pad = pad_to_stride(image)
+        if self.channels_last:  # the fused network's weights are channels-last: so are its inputs
+            image = image.contiguous(memory_format=torch.channels_last)
 
         with self._autocast():
             probs = self._predict(image, pad)  # (1+O) x h x w at internal size, or None

@@ -104,3 +104,40 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def _with_batchnorm_statistics(net: STMNetwork) -> STMNetwork:
+    """Frozen BatchNorm that is not the identity, so folding it has something to get wrong."""
+    g = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if type(m).__name__ == "FrozenBatchNorm2d":
+            n = m.weight.numel()
+            m.weight.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return net.eval()
+
+
+def test_fused_for_inference_computes_the_same_and_leaves_the_network_alone(tmp_path):
+    torch.manual_seed(0)
+    net = _with_batchnorm_statistics(STMNetwork(ModelConfig()))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused = net.fused_for_inference()
+    assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in fused.modules())
+    assert type(fused.decoder.refine2.skip_conv).__name__ == "WinogradConv2d"  # 3x3 stride 1
+    assert type(fused.query_encoder.stem[0]) is torch.nn.Conv2d  # 7x7 stride 2 stays
+    frames, probs = torch.rand(2, 3, 64, 96), torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        outs = []
+        for model in (net, fused):
+            query = model.encode_query(frames)
+            memory = model.encode_memory(frames, probs)
+            outs.append(model.segment(query, to_tokens(memory.key), to_tokens(memory.value), (64, 96)))
+            outs.extend([query.key, memory.value])
+    for a, b in zip(outs[:3], outs[3:]):  # logits, query key, memory value: equal up to rounding
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max(), float((a - b).abs().max() / a.abs().max())
+    assert not torch.equal(outs[0], outs[3])  # a different computation did run
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="fused_for_inference"):
+        save_checkpoint(tmp_path / "fused.pt", fused)

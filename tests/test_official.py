@@ -53,8 +53,8 @@ def expected(official_dir: Path) -> np.ndarray:
     return np.load(official_dir / "expected.npz")["probs"]  # 10 x 3 x 150 x 270
 
 
-def run_official_clip(network: STMNetwork, official_dir: Path, frames: int = FRAMES) -> list[np.ndarray]:
-    core = InferenceCore(network, "every:5", device="cpu")
+def run_official_clip(network: STMNetwork, official_dir: Path, frames: int = FRAMES, **options) -> list[np.ndarray]:
+    core = InferenceCore(network, "every:5", device="cpu", **options)
     mask = torch.from_numpy(read_index_mask(official_dir / "input" / "00000-mask.png").astype(np.int64))
     return [core.step(read_frame(official_dir / "input" / f"{t:05d}.png"), mask if t == 0 else None).numpy()
             for t in range(frames)]
@@ -69,6 +69,21 @@ def test_imported_weights_match_the_official_implementation(imported: Path, offi
         assert p.shape == expected[t].shape
         err = float(np.abs(p - expected[t]).max())
         assert err <= 1e-4, f"frame {t}: max abs difference {err:.2e} from the official implementation"
+
+
+@pytest.mark.slow
+def test_the_fast_path_runs_by_default_and_matches(imported: Path, official_dir: Path, expected):
+    """InferenceCore runs a fused copy (BatchNorm folded, Winograd convs) unless told not to; both
+    paths match the official outputs, and they are different computations (not bit-identical)."""
+    network = load_checkpoint(imported)
+    core = InferenceCore(network, "every:5", device="cpu")
+    kinds = {type(m).__name__ for m in core.network.modules()}
+    assert core.network is not network and core.network.inference_only
+    assert "FrozenBatchNorm2d" not in kinds and "WinogradConv2d" in kinds
+    fast, plain = run_official_clip(network, official_dir, frames=6), run_official_clip(network, official_dir, 6, fast=False)
+    for t in range(6):
+        assert np.abs(fast[t] - expected[t]).max() <= 1e-4 and np.abs(plain[t] - expected[t]).max() <= 1e-4
+    assert not np.array_equal(fast[1], plain[1])
 
 
 @pytest.mark.slow

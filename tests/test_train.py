@@ -372,3 +372,16 @@ def test_strmn_update_per_clip_or_per_segment(one_thread, update, steps):
     out = step(frames, masks, valid)
     assert len(calls) == steps and torch.isfinite(out.loss) and out.logits.shape[:2] == (2, 5)
     assert any(not torch.equal(b, p) for b, p in zip(before, net.fusion.h.parameters()))
+
+
+@pytest.mark.slow
+def test_train_bench_reports_clips_per_s_and_data_wait_from_the_real_input(project, ray_2cpu):
+    """`python -m pipeline.train.bench --data`: the step fed by the training input (Ray Data), timed."""
+    from pipeline.train import bench
+
+    common = ["--device", "cpu", "--backbone", "resnet18", "--decoder-dim", "16", "--crop", "32", "--batch", "2",
+              "--warmup", "1", "--steps", "3", "--threads", "1"]
+    real = bench.main([*common, "--data", str(project / "data/synthetic/stm")])
+    assert real["clips_per_s"] > 0 and 0 < real["data_wait_share"] < 1 and real["data"].endswith("synthetic/stm")
+    alone = bench.main(common)
+    assert alone["data_wait_share"] == 0 and alone["data"] == "random tensors"

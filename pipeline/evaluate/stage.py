@@ -255,7 +255,7 @@ def variant_params(v: Variant, p: EvaluateParams, memory: MemoryParams, models, 
     info = model_info(path) if path else {}
     return {"registered_model": info.get("model_uri", ""), "train_run_id": info.get("run_id", ""),
             "variant": v.name, "model": v.model, "policy": v.policy, "family": v.family,
-            "rule": v.rule or "", "memory_size": v.size if v.size is not None else "",
+            "rule": v.rule or "", "memory_size": v.size if v.size is not None else "", "postprocess": v.postprocess,
             "checkpoint": str(path) if path else "", "checkpoint_sha256": sha256(data)[:16] if path else "",
             "training_data": checkpoint_training_data(data) if path else "",
             "top_k": memory.top_k, "device": resolve_device(p.device), "max_size": p.max_size,

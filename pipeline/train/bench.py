@@ -4,8 +4,13 @@ configuration on a GPU:
     python -m pipeline.train.bench --device cuda --backbone resnet50 --crop 384 --batch 4 --precision bf16
 
 It builds the same `Unroll` module and optimizer step as `stm train` (channels_last and autocast
-on CUDA), runs `--warmup` untimed steps and `--steps` timed ones on random clips, and prints one
-JSON line: device name, clips/s, ms/step, peak memory, loss.
+on CUDA), runs `--warmup` untimed steps and `--steps` timed ones, and prints one JSON line: device
+name, clips/s, ms/step, the share of time the step waited for data, peak memory, loss. The clips are
+random tensors (the step alone: wait 0), or with `--data DIR` the synthetic Parquet shards of
+`stm synthesize` read through the training input itself (Ray Data decode/crop in `map_batches`,
+`iter_torch_batches` with prefetch), e.g.
+
+    python -m pipeline.train.bench --device cpu --backbone resnet18 --crop 128 --batch 2 --data data/synthetic/stm
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="CPU torch threads (0: torch's default)")
+    p.add_argument("--data", default="", help="Parquet clip shards (local or URI) fed through the training input")
+    p.add_argument("--prefetch", type=int, default=2, help="batches iter_torch_batches prefetches (with --data)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,12 +56,19 @@ def main(argv: list[str] | None = None) -> dict:
     dtype, use_scaler = precision({"train": {"precision": args.precision}}, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     b, n, s, o = args.batch, args.frames, args.crop, args.objects
-    frames = torch.rand(b, n, 3, s, s, device=device)
-    masks = torch.randint(0, o + 1, (b, n, s, s), device=device)
-    valid = torch.ones(b, o, dtype=torch.bool, device=device)
+    random_batch = (torch.rand(b, n, 3, s, s, device=device), torch.randint(0, o + 1, (b, n, s, s), device=device),
+                    torch.ones(b, o, dtype=torch.bool, device=device))
+    batches = real_batches(args, b, s, o) if args.data else None
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    waited = [0.0]
 
     def step() -> torch.Tensor:
+        if batches is None:
+            frames, masks, valid = random_batch
+        else:
+            t = time.perf_counter()
+            frames, masks, valid = (x.to(device, non_blocking=True) for x in next(batches))
+            waited[0] += time.perf_counter() - t
         with autocast:
             out = model(frames, masks, valid)
         scaler.scale(out.loss).backward()
@@ -68,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    waited[0] = 0.0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
@@ -79,11 +94,28 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": str(dtype).replace("torch.", "") if dtype is not None else "fp32",
         "channels_last": channels_last, "steps": args.steps, "ms_per_step": round(1000 * seconds / args.steps, 1),
         "clips_per_s": round(b * args.steps / seconds, 2), "loss": round(loss, 4),
+        "data": args.data or "random tensors", "data_wait_share": round(waited[0] / seconds, 3),
         "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         "torch": torch.__version__,
     }
     print(json.dumps(result))
     return result
+
+
+def real_batches(args, batch: int, crop: int, max_objects: int):
+    """Endless training batches from Parquet clip shards through the stage's own Ray Data input."""
+    from pipeline.cluster import init_ray
+    from pipeline.train.input import build_dataset
+    from pipeline.train.loop import to_training
+
+    init_ray()
+    config = {"data": {"kind": "parquet", "path": args.data}, "seed": 0,
+              "train": {"crop": crop, "max_objects": max_objects}}
+    steps = args.warmup + args.steps
+    ds = build_dataset(config, steps, batch, materialize=False)
+    while True:
+        for columns in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=args.prefetch):
+            yield to_training(columns)
 
 
 if __name__ == "__main__":

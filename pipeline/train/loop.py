@@ -248,7 +248,7 @@ def train_loop(config: dict) -> None:
     skip = [max_skip_schedule(start, total, 0, tp["max_skip"], tp["skip_ramp"])]  # for the logs: the rows carry it
     batches = data_batches(config, rank, world, start)
     loss_sum = torch.zeros((), device=device)
-    count, interval_start = 0, time.perf_counter()
+    count, interval_start, waited = 0, time.perf_counter(), 0.0
     fault = config.get("fault") or {}
     fault_rank = faulty_rank(nodes, config.get("driver_node"))
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -259,7 +259,9 @@ def train_loop(config: dict) -> None:
         if fault and step == fault["step"] and rank == fault_rank and not os.path.exists(fault["marker"]):
             inject_fault(fault["marker"], rank, step)
         skip[0] = max_skip_schedule(step, total, 0, tp["max_skip"], tp["skip_ramp"])
-        batch = next(batches)
+        t_wait = time.perf_counter()
+        batch = next(batches)  # blocks only when the input pipeline is behind the step
+        waited += time.perf_counter() - t_wait
         if device.type == "cuda":  # pinned host memory: the copies overlap the previous step's kernels
             batch = tuple(t.pin_memory() for t in batch)
         frames, masks, valid = (t.to(device, non_blocking=True) for t in batch)
@@ -285,10 +287,11 @@ def train_loop(config: dict) -> None:
         totals.update(clips=totals["clips"] + clips, seconds=totals["seconds"] + seconds, loss=loss)
         totals["curve"].append([done, loss])  # the loss curve travels in the checkpoint, so a resumed run keeps it
         metrics = {"step": done, "loss": loss, "lr": lr, "clips_per_s": clips_per_second(clips, seconds),
+                   "data_wait_share": waited / seconds if seconds > 0 else 0.0,  # rank 0's time blocked on input
                    "max_skip": skip[0], "clips_seen": totals["clips"]}
         if rank == 0:
             print(f"[train] step {done}/{total} loss {loss:.4f} lr {lr:.2e} {metrics['clips_per_s']:.2f} clips/s "
-                  f"max_skip {skip[0]}", flush=True)
+                  f"data wait {100 * metrics['data_wait_share']:.0f}% max_skip {skip[0]}", flush=True)
             if logger is not None:
                 logger.metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
                 if tp["log_images_every"] > 0 and (done % tp["log_images_every"] == 0 or done == total):
@@ -300,7 +303,7 @@ def train_loop(config: dict) -> None:
         else:
             ray.train.report(metrics)
         loss_sum.zero_()
-        count, interval_start = 0, time.perf_counter()
+        count, interval_start, waited = 0, time.perf_counter(), 0.0
     if start >= total:  # resumed a finished run: hand the final state back again for export
         rngs = gather(rng_state(rng), world)
         metrics = {"step": total, "loss": totals["loss"], "lr": lr_at(total - 1, tp), "clips_per_s": 0.0,

@@ -17,6 +17,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, network: STMNetwork, **extra: object) -> None:
     """Atomic: a crash mid-write leaves the previous file (or none), never a truncated one."""
+    if getattr(network, "inference_only", False):
+        raise ValueError("refusing to save a fused_for_inference() copy (BatchNorm folded away); save the original")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"kind": network.config.kind, "model_config": network.config.to_dict(),

@@ -31,11 +31,14 @@ class RefinementModule(nn.Module):
         self.skip_res = ResBlock(dim)
         self.merge_res = ResBlock(dim)
 
-    def forward(self, skip: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        """skip: N x Cs x 2h x 2w, coarse: N x D x h x w -> N x D x 2h x 2w."""
-        s = self.skip_res(self.skip_conv(skip))
+    def skip(self, skip: torch.Tensor) -> torch.Tensor:
+        """B x Cs x 2h x 2w -> B x D x 2h x 2w: depends on the frame only, so shared by its objects."""
+        return self.skip_res(self.skip_conv(skip))
+
+    def merge(self, s: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """s: B x D x 2h x 2w (from `skip`), coarse: (B*O) x D x h x w -> (B*O) x D x 2h x 2w."""
         up = F.interpolate(coarse, size=s.shape[-2:], mode="bilinear", align_corners=False)
-        return self.merge_res(s + up)
+        return self.merge_res((s[:, None] + up.unflatten(0, (s.shape[0], -1))).flatten(0, 1))
 
 
 class Decoder(nn.Module):
@@ -49,12 +52,15 @@ class Decoder(nn.Module):
 
     def forward(
         self,
-        readout: torch.Tensor,  # N x (2 Cv) x h x w
-        res3: torch.Tensor,  # N x C3 x 2h x 2w
-        res2: torch.Tensor,  # N x C2 x 4h x 4w
+        readout: torch.Tensor,  # (B*O) x (2 Cv) x h x w, objects of a frame adjacent
+        res3: torch.Tensor,  # B x C3 x 2h x 2w, the frame's (not repeated per object)
+        res2: torch.Tensor,  # B x C2 x 4h x 4w
         out_size: tuple[int, int],
-    ) -> torch.Tensor:  # N x 2 x H x W logits (background, foreground)
+    ) -> torch.Tensor:  # (B*O) x 1 x H x W foreground-minus-background logit
         x = self.compress_res(self.compress(readout))
-        x = self.refine2(res2, self.refine3(res3, x))
-        logits = self.predict(F.relu(x))  # 1/4 scale
-        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        x = self.refine3.merge(self.refine3.skip(res3), x)
+        x = self.refine2.merge(self.refine2.skip(res2), x)
+        logits = self.predict(F.relu(x))  # 1/4 scale, (background, foreground)
+        # softmax over (bg, fg) == sigmoid(fg - bg); bilinear upsampling is linear, so the
+        # difference is taken first and one channel is upsampled instead of two.
+        return F.interpolate(logits[:, 1:] - logits[:, :1], size=out_size, mode="bilinear", align_corners=False)

@@ -122,8 +122,14 @@ class MemoryEncoder(nn.Module):
         self.res2, self.res3, self.res4 = net.layer1, net.layer2, net.layer3
 
     def forward(self, frames: torch.Tensor, masks: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-        """frames: N x 3 x H x W, masks / others: N x 1 x H x W probabilities -> res4 N x C x h x w."""
-        x = self.conv1(self.normalize(frames)) + self.conv1_mask(masks) + self.conv1_others(others)
+        """frames: B x 3 x H x W, masks / others: B x O x H x W probabilities -> res4 (B*O) x C x h x w.
+
+        The RGB filters' response is the same for every object of a frame: computed once, broadcast.
+        """
+        o = masks.shape[1]
+        rgb = self.conv1(self.normalize(frames))[:, None]  # B x 1 x 64 x H/2 x W/2
+        x = rgb + self.conv1_mask(masks.flatten(0, 1)[:, None]).unflatten(0, (-1, o))
+        x = (x + self.conv1_others(others.flatten(0, 1)[:, None]).unflatten(0, (-1, o))).flatten(0, 1)
         return self.res4(self.res3(self.res2(self.stem_rest(x))))
 
 

@@ -6,12 +6,14 @@ All mutable state (memory, object ids, frame counter) lives in `stm_core.memory`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from stm_core.model.aggregate import soft_aggregate
 from stm_core.model.decoder import Decoder
@@ -23,6 +25,7 @@ from stm_core.model.encoders import (
     QueryFeatures,
     others_probability,
 )
+from stm_core.model.fuse import fold_batchnorm_, fold_into, winograd_convs_
 from stm_core.model.read import memory_read, to_tokens
 
 STRIDE = 16  # res4 is at 1/16 of the input
@@ -79,11 +82,31 @@ class STMNetwork(nn.Module):
         self.memory_kv = KeyValue(c4, config.key_dim, config.value_dim)
         self.decoder = Decoder(2 * config.value_dim, c3, c2, config.decoder_dim)
         self.fusion: nn.Module | None = None
+        self.inference_only = False  # True for `fused_for_inference` copies
         if config.kind == "strmn":
             from stm_core.model.fusion import FusionCell
 
             self.fusion = FusionCell(c4, config.fusion_dim, scale=1.0 if config.fusion_scale == "none" else None,
                                      similarity=config.similarity)
+
+    def fused_for_inference(self, channels_last: bool = False) -> STMNetwork:
+        """An inference-only copy: frozen BatchNorm folded into the convolutions; 3x3 stride-1 convs
+        by Winograd (NNPACK) on CPU, or every weight channels-last (`channels_last`, for GPUs).
+
+        Computes what this network computes up to float rounding (fp32: ~1e-5 relative). It has no
+        BatchNorm parameters (a different state dict): run it, never train or save it; `self` is unchanged.
+        """
+        fused = copy.deepcopy(self).eval().requires_grad_(False)
+        encoder = fused.memory_encoder
+        if isinstance(encoder.stem_rest[0], FrozenBatchNorm2d):  # bn(conv1 + conv1_mask + conv1_others)
+            fold_into([encoder.conv1, encoder.conv1_mask, encoder.conv1_others], encoder.stem_rest[0])
+            encoder.stem_rest[0] = nn.Identity()
+        fold_batchnorm_(fused)
+        fused.inference_only = True
+        if channels_last:
+            return fused.to(memory_format=torch.channels_last)
+        winograd_convs_(fused)
+        return fused
 
     def encode_query(self, frames: torch.Tensor) -> QueryFeatures:
         """frames: B x 3 x H x W in [0, 1]; encoded once per frame, shared by all objects."""
@@ -99,8 +122,7 @@ class STMNetwork(nn.Module):
     ) -> MemoryFeatures:
         b, o = probs.shape[:2]
         others = others_probability(probs) if others is None else others
-        frames = frames.repeat_interleave(o, dim=0)  # one backbone pass per object, as in STM
-        feature = self.memory_encoder(frames, probs.flatten(0, 1)[:, None], others.flatten(0, 1)[:, None])
+        feature = self.memory_encoder(frames, probs, others)  # one backbone pass per object, as in STM
         key, value = self.memory_kv(feature)
         return MemoryFeatures(*(x.unflatten(0, (b, o)) for x in (feature, key, value)))
 
@@ -128,10 +150,8 @@ class STMNetwork(nn.Module):
         self, readout: torch.Tensor, skips: tuple[torch.Tensor, torch.Tensor], out_size: tuple[int, int]
     ) -> torch.Tensor:  # B x O x H x W foreground logits, each object on its own
         b, o = readout.shape[:2]
-        r3, r2 = (s.repeat_interleave(o, dim=0) for s in skips)
-        logits = self.decoder(readout.flatten(0, 1), r3, r2, out_size)  # (B*O) x 2 x H x W
-        # softmax over (bg, fg) == sigmoid of their difference: keep one logit per object.
-        return (logits[:, 1] - logits[:, 0]).unflatten(0, (b, o))
+        logits = self.decoder(readout.flatten(0, 1), *skips, out_size)  # (B*O) x 1 x H x W
+        return logits[:, 0].unflatten(0, (b, o))
 
     def segment(
         self,

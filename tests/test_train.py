@@ -344,3 +344,18 @@ def test_strmn_update_per_clip_or_per_segment(one_thread, update, steps):
     out = step(frames, masks, valid)
     assert len(calls) == steps and torch.isfinite(out.loss) and out.logits.shape[:2] == (2, 5)
     assert any(not torch.equal(b, p) for b, p in zip(before, net.fusion.h.parameters()))
+
+
+def test_strmn_rule_stage_trains_with_its_rule_into_its_own_folder(project, ray_2cpu):
+    """`--rule I2M` (a train_strmn@I2M stage): its own outputs, run name and logged rule."""
+    from stm_core.model.checkpoint import save_checkpoint
+
+    params = write_params(project)
+    s = train_cmd.settings(params, "main", "strmn")
+    save_checkpoint(project / "models/strmn-pretrain/model.pt", STMNetwork(s.model))
+    assert stm("--stage", "main", "--model", "strmn", "--rule", "I2M", "--params", str(params)) == 0
+    assert (project / "models/strmn-main/I2M/model.pt").is_file()
+    assert not (project / "models/strmn-main/model.pt").exists()
+    assert json.loads((project / "metrics/train-main-strmn-I2M.json").read_text())["model"] == "strmn"
+    (run,) = runs(project)
+    assert run.info.run_name == "train-strmn-main-I2M" and run.data.params["strmn.rule"] == "I2M"

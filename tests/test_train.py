@@ -385,3 +385,21 @@ def test_train_bench_reports_clips_per_s_and_data_wait_from_the_real_input(proje
     assert real["clips_per_s"] > 0 and 0 < real["data_wait_share"] < 1 and real["data"].endswith("synthetic/stm")
     alone = bench.main(common)
     assert alone["data_wait_share"] == 0 and alone["data"] == "random tensors"
+
+
+@pytest.mark.slow
+def test_strmn_rule_stage_trains_with_its_rule_into_its_own_folder(project, ray_2cpu):
+    """`--rule I2M` (a train_strmn@I2M stage): its own outputs, run name and logged rule."""
+    from stm_core.model.checkpoint import save_checkpoint
+
+    params = write_params(project)
+    s = train_cmd.settings(params, "main", "strmn")
+    save_checkpoint(project / "models/strmn-pretrain/model.pt", STMNetwork(s.model))
+    assert stm("--stage", "main", "--model", "strmn", "--rule", "I2M", "--params", str(params)) == 0
+    assert (project / "models/strmn-main/I2M/model.pt").is_file()
+    assert not (project / "models/strmn-main/model.pt").exists()
+    assert sorted(json.loads((project / "metrics/train-main-strmn-I2M.json").read_text())) == [
+        "clips_per_s", "final_loss", "steps"]
+    assert (project / "plots/train-main-strmn-I2M.csv").is_file()
+    (run,) = runs(project)
+    assert run.info.run_name == "train-strmn-main-I2M" and run.data.params["strmn.rule"] == "I2M"

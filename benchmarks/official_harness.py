@@ -71,6 +71,7 @@ def run_video(
     num_objects: int,
     mem_every: int = 5,
     on_frame: Callable[[int, float], None] | None = None,  # (t, seconds for frame t)
+    clock: Callable[[], float] = time.perf_counter,
 ) -> torch.Tensor:  # 1 x K x T x H x W probabilities, frame 0 = the annotation
     """The official `Run_video(..., Mem_every=mem_every)` loop, step for step."""
     num_frames = frames.shape[2]
@@ -80,7 +81,7 @@ def run_video(
     estimates[:, :, 0] = masks[:, :, 0]
     keys = values = None  # the memorised frames before t-1; set after frame 1, as upstream
     for t in range(1, num_frames):
-        start = time.perf_counter()
+        start = clock()
         prev_key, prev_value = model(frames[:, :, t - 1], estimates[:, :, t - 1], n)  # memorize
         if t - 1 == 0:
             this_keys, this_values = prev_key, prev_value
@@ -92,7 +93,7 @@ def run_video(
         if t - 1 in to_memorize:
             keys, values = this_keys, this_values
         if on_frame is not None:
-            on_frame(t, time.perf_counter() - start)
+            on_frame(t, clock() - start)
     return estimates
 
 

@@ -53,8 +53,8 @@ def refresh(root: Path, commit: bool = True, allow_dirty: bool = False) -> list[
     if dirty and not allow_dirty:
         raise BaselineError(f"{root}: uncommitted changes to {dirty}; commit them first (the lock would hash code or "
                             "params that no commit holds), or pass --allow-dirty")
-    _run(["dvc", "repro"], root, capture=False)  # its progress goes straight to the terminal
-    status = _run(["dvc", "status"], root)
+    _run([sys.executable, "-m", "dvc", "repro"], root, capture=False)  # its progress goes straight to the terminal
+    status = _run([sys.executable, "-m", "dvc", "status"], root)
     if "up to date" not in status:
         raise BaselineError(f"`dvc status` after `dvc repro` is not clean:\n{status}")
     missing = [f for f in files if not (root / f).exists()]

@@ -152,7 +152,9 @@ def start_hidden_worker(procs: Processes, base: Path, env: dict[str, str], addre
     ray = " ".join(_q(a) for a in [str(BIN / "ray"), "start", "--block", "--address", address, "--node-ip-address",
                                    "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir",
                                    str(base / "rw"), *ray_ports()])
-    script = f"set -e; {mounts}; exec {ray}"
+    # A raylet that cannot reach the GCS in time on a loaded machine exits ("timed out during
+    # startup"): try again a few times before the test's own node wait gives up.
+    script = f"set -e; {mounts}; for attempt in 1 2 3; do {ray} && exit 0; echo retrying >&2; sleep 5; done; exit 1"
     return procs.start(["unshare", "-m", "--propagation", "private", "bash", "-c", script], base / "ray-worker.log", env)
 
 

@@ -141,3 +141,24 @@ def test_fused_for_inference_computes_the_same_and_leaves_the_network_alone(tmp_
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     with pytest.raises(ValueError, match="fused_for_inference"):
         save_checkpoint(tmp_path / "fused.pt", fused)
+
+
+@pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="this torch build has no NNPACK")
+def test_winograd_conv_times_both_kernels_once_per_shape_and_computes_the_conv():
+    from stm_core.model import fuse
+
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    fuse.winograd_convs_(conv)
+    assert type(conv) is fuse.WinogradConv2d
+    x = torch.rand(2, 8, 20, 24)
+    key = ((2, 8, 20, 24), (16, 8, 3, 3), torch.get_num_threads())
+    fuse._WINOGRAD_FASTER.pop(key, None)
+    with torch.no_grad():
+        out = conv(x)
+        assert key in fuse._WINOGRAD_FASTER  # decided once, then reused
+        fuse._WINOGRAD_FASTER[key] = not fuse._WINOGRAD_FASTER[key]  # the other kernel
+        other = conv(x)
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    for y in (out, other):
+        assert (y - expected).abs().max() <= 1e-4 * expected.abs().max()
+    fuse._WINOGRAD_FASTER.pop(key)

@@ -11,6 +11,8 @@ BatchNorm parameters left, so it is for inference only: never train or save it.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -51,18 +53,43 @@ def fold_batchnorm_(module: nn.Module) -> int:
     return folded
 
 
-class WinogradConv2d(nn.Conv2d):
-    """A 3x3, stride-1 convolution run by NNPACK's Winograd kernels on CPU in fp32 inference.
+# (input shape, weight shape, threads) -> whether NNPACK's Winograd beat oneDNN on this machine
+_WINOGRAD_FASTER: dict[tuple, bool] = {}
 
-    Winograd computes the same convolution with ~2-4x fewer multiplications (on a 2-core AVX2 VM
-    2-5x faster than oneDNN's direct kernels for frame-sized maps at batch 1); its rounding
-    differs (fp32: ~1e-5 relative). NNPACK's batched path uses a slower algorithm, so batches
-    run one image at a time. Anywhere else (GPU, autograd, other dtypes) it is a plain Conv2d.
+
+def _best_seconds(fn, x: torch.Tensor, repeats: int = 2) -> float:
+    fn(x)  # warm-up: first calls allocate and pack weights
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class WinogradConv2d(nn.Conv2d):
+    """A 3x3, stride-1 convolution run by NNPACK's Winograd kernels on CPU in fp32 inference, where
+    that is faster.
+
+    Winograd computes the same convolution with ~2-4x fewer multiplications; its rounding differs
+    (fp32: ~1e-5 relative). Whether it wins depends on the shape and the thread count: on a 2-core
+    AVX2 VM it is 2-3x faster than oneDNN for 256 channels at 60x108, but 2x slower at 15x27 with 2
+    threads (oneDNN parallelises small maps better). So, like `cudnn.benchmark`, the first call per
+    (input shape, weight shape, thread count) times both and remembers the faster one for the
+    process. NNPACK's batched path uses a slower algorithm, so batches run one image at a time.
+    Anywhere else (GPU, autograd, other dtypes) it is a plain Conv2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # N x Cin x H x W -> N x Cout x H x W
         if x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)
+        key = (tuple(x.shape), tuple(self.weight.shape), torch.get_num_threads())
+        faster = _WINOGRAD_FASTER.get(key)
+        if faster is None:
+            faster = _WINOGRAD_FASTER[key] = _best_seconds(self._winograd, x) < _best_seconds(super().forward, x)
+        return self._winograd(x) if faster else super().forward(x)
+
+    def _winograd(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()  # NNPACK reads NCHW
         out = [torch._nnpack_spatial_convolution(x[i : i + 1], self.weight, self.bias, self.padding, self.stride)
                for i in range(x.shape[0])]

@@ -6,8 +6,8 @@ augment on CPU workers; training ranks consume `get_dataset_shard("train").iter_
 - Real videos (DAVIS / YouTube-VOS layout, local or at a URI): `range(rows)` of clip numbers ->
   stm_core's `VideoClipSampler` (the one clip sampler: decode, crop, affine, jitter). Clip r belongs
   to step r // global_batch, whose curriculum skip it uses, and is drawn from clip_rng(seed, r): the
-  data do not depend on the number of workers. After a restart the ranks skip the rows of steps the
-  checkpoint already holds (`step` column).
+  data do not depend on the number of workers. After a restart each rank skips as many batches as
+  the checkpoint holds steps (the same count on every rank; see `pipeline.train.loop.data_batches`).
 
 Each output row: frames N x H x W x 3 uint8, masks N x H x W uint8 (ids 1..K), n_objects, step.
 """

@@ -108,12 +108,19 @@ def gather(obj, world: int) -> list:
 
 def data_batches(config: dict, rank: int, world: int, start: int) -> Iterator:
     """Endless (frames, masks, valid) CPU batches for this rank from its Ray Data shard, prefetched.
-    Video rows of steps before `start` (already in the checkpoint) are skipped."""
+
+    After a restart at step `start`, every rank skips exactly `start` video batches (the steps the
+    checkpoint holds). The count must be the same on every rank, not decided by each batch's `step`
+    column: streaming_split gives the ranks equal row counts but not step-aligned batches, and a
+    rank that skipped more would run out first and wait at Ray Data's epoch barrier while the
+    others wait for it in the gradient all-reduce (a deadlock).
+    """
     import ray.train
 
     data, batch = config["data"], config["per_worker_batch"]
     shard = ray.train.get_dataset_shard("train")
     shuffle = (data["shuffle_buffer"] or None) if data["kind"] == "parquet" else None
+    to_skip = start if data["kind"] == "videos" else 0
     epoch = 0
     while True:
         got = 0
@@ -122,7 +129,8 @@ def data_batches(config: dict, rank: int, world: int, start: int) -> Iterator:
                                                 local_shuffle_buffer_size=shuffle,
                                                 local_shuffle_seed=config["seed"] * 7919 + epoch * 31 + rank):
             got += 1
-            if data["kind"] == "videos" and int(columns["step"].max()) < start:
+            if to_skip > 0:
+                to_skip -= 1
                 continue
             yield to_training(columns)
         if got == 0:

@@ -172,10 +172,6 @@ def test_a_local_path_on_two_nodes_is_refused_before_work_starts(cluster):
     print(f"\nrefused in {time.monotonic() - t0:.1f} s: {done.stderr.strip().splitlines()[-1]}")
 
 
-@pytest.mark.skipif(os.environ.get("STM_TEST_MULTINODE") != "1",
-                    reason="opt-in (STM_TEST_MULTINODE=1): after the injected worker kill the resumed Ray Train "
-                           "run hung once at step 5 of 6 waiting on the streaming split (2026-11-29); kept out of "
-                           "CI until that is fixed")
 def test_pipeline_runs_on_two_nodes_sharing_no_disk(cluster):
     c = cluster
     out, marker = c["base"] / "out", c["base"] / "fault-marker"

@@ -403,3 +403,38 @@ def test_strmn_rule_stage_trains_with_its_rule_into_its_own_folder(project, ray_
     assert (project / "plots/train-main-strmn-I2M.csv").is_file()
     (run,) = runs(project)
     assert run.info.run_name == "train-strmn-main-I2M" and run.data.params["strmn.rule"] == "I2M"
+
+
+class _Shard:
+    """Stands in for a rank's streaming-split shard: batches in the order Ray Data hands them out."""
+
+    def __init__(self, steps: list[int]):
+        self.steps, self.pulled = steps, 0
+
+    def iter_torch_batches(self, **_):
+        for s in self.steps:
+            self.pulled += 1
+            yield {"frames": torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8), "masks": torch.zeros(1, 2, 8, 8),
+                   "n_objects": torch.ones(1), "step": torch.tensor([s])}
+
+
+def test_resumed_ranks_skip_the_same_number_of_video_batches(monkeypatch):
+    """After a restart at step 3 every rank drops exactly 3 batches, whatever steps its rows carry:
+    a rank that skipped more would reach Ray Data's epoch barrier while the others wait for it in the
+    all-reduce (the two-node hang)."""
+    import ray.train
+
+    from pipeline.train.loop import data_batches
+
+    # Rows are not step-aligned across ranks: rank 0 sees an early row late, rank 1 a late row early.
+    layouts = {0: [0, 1, 2, 0, 3, 4, 5, 6], 1: [0, 4, 1, 2, 3, 5, 6, 6]}
+    config = {"data": {"kind": "videos", "path": "videos", "shuffle_buffer": 0}, "per_worker_batch": 1, "seed": 0}
+    pulled = {}
+    for rank, steps in layouts.items():
+        shard = _Shard(steps)
+        monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name, s=shard: s)
+        batches = data_batches(config, rank, 2, start=3)
+        for _ in range(7 - 3):  # the resumed run's remaining steps
+            next(batches)
+        pulled[rank] = shard.pulled
+    assert pulled == {0: 7, 1: 7}, pulled

@@ -469,3 +469,24 @@ def test_evaluation_loads_each_checkpoint_once_per_worker(tmp_path, monkeypatch)
     assert len(loads) == 2  # one actor per CPU share
     assert all(n == 1 for actor in loads for n in actor.values()), loads
     assert sum(len(actor) for actor in loads) <= 4  # 2 checkpoints x 2 actors, 80 items
+
+
+def test_the_driver_deserialises_each_checkpoint_once(tmp_path, monkeypatch):
+    """checkpoint_files (kind check) and the MLflow params (training_data) share one torch.load."""
+    import torch
+
+    from pipeline.evaluate import stage
+    from pipeline.evaluate.variants import MemoryParams, parse_variants
+    from stm_core.model.checkpoint import save_checkpoint
+    from stm_core.model.network import ModelConfig, STMNetwork
+
+    path = tmp_path / "stm.pt"
+    save_checkpoint(path, STMNetwork(ModelConfig(decoder_dim=8)), training_data="static images")
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    params = stage.EvaluateParams(stm_model=str(path))
+    models = stage.checkpoint_files(params, parse_variants(["stm:first", "stm:every"], MemoryParams()))
+    (_, data), = models.values()
+    assert stage.checkpoint_training_data(data) == "static images"
+    assert len(loads) == 1

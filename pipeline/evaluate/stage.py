@@ -108,13 +108,18 @@ def payload(seq: VideoSequence) -> SequencePayload:
                            object_frames=seq.object_frames)
 
 
-@functools.lru_cache(maxsize=8)  # one load per checkpoint, not one per variant
-def checkpoint_training_data(data: bytes) -> str:
-    """The `training_data` a checkpoint records (import-official, stm train), or ""."""
+@functools.lru_cache(maxsize=16)  # the driver deserialises each checkpoint once, not once per use
+def checkpoint_header(data: bytes) -> dict:
+    """-> {"kind", "training_data"} of a checkpoint's bytes; raises what torch.load raises."""
     import torch
 
-    found = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).get("training_data", "")
-    return str(found)[:400]  # MLflow params are bounded
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return {"kind": payload.get("kind"), "training_data": str(payload.get("training_data", ""))[:400]}
+
+
+def checkpoint_training_data(data: bytes) -> str:
+    """The `training_data` a checkpoint records (import-official, stm train), or "" (bounded for MLflow)."""
+    return checkpoint_header(data)["training_data"]
 
 
 def read_checkpoint(path: str) -> bytes | None:
@@ -142,8 +147,6 @@ def model_info(path: str) -> dict:
 def checkpoint_files(p: EvaluateParams, variants: list[Variant]) -> dict[str, tuple[str, bytes]]:
     """model key (stm, strmn, strmn@RULE) -> (path or URI, bytes) for the variants; a missing file is an
     error naming it."""
-    import torch
-
     out = {}
     for key in sorted({model_key(v, p.strmn_model) for v in variants if v.model != "none"}):
         kind, _, rule = key.partition("@")
@@ -155,7 +158,7 @@ def checkpoint_files(p: EvaluateParams, variants: list[Variant]) -> dict[str, tu
             raise CheckpointError(f"{path}: checkpoint not found (evaluate.{kind}_model, needed by {users}); "
                                   f"train it with `{hint}` or drop those variants from evaluate.variants")
         try:
-            found = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).get("kind")
+            found = checkpoint_header(data)["kind"]
         except Exception as err:  # noqa: BLE001 - pickle/zip errors have many types
             raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
         if kind == "strmn" and found != "strmn":

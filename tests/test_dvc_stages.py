@@ -12,36 +12,19 @@ import ast
 from pathlib import Path
 
 import pytest
+from project_imports import ROOT, imported_names, module_files
 
 from pipeline.cli import COMMANDS
 from pipeline.params import PLACEMENT_KEYS
 
-ROOT = Path(__file__).resolve().parents[1]
 CODE = ("pipeline", "stm_core")
-
-
-def module_files() -> dict[str, Path]:
-    files = {}
-    for package in CODE:
-        for path in (ROOT / package).rglob("*.py"):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            files[".".join(parts)] = path
-    return files
 
 
 def imported(path: Path, files: dict[str, Path]) -> set[str]:
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & set(files)  # packages run too
+    for name in imported_names(path):
+        parts = name.split(".")
+        found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & set(files)  # packages run too
     return found
 
 
@@ -76,7 +59,7 @@ STAGES = stages()
 def test_stage_depends_on_exactly_the_code_it_imports(name, cmd, deps, params):
     words = cmd.split()
     assert words[0] == "stm" and words[1] in COMMANDS, f"{name}: `{cmd}` is not an `stm` command"
-    files = module_files()
+    files = module_files(*CODE)
     code = {p for p in closure(COMMANDS[words[1]], files) if not (p.name == "__init__.py" and only_docstring(p))}
     code_deps = [ROOT / d for d in deps if d.split("/")[0] in CODE]
     covered = lambda path, dep: path == dep or dep in path.parents  # noqa: E731

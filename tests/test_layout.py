@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import ast
 import importlib
 from pathlib import Path
 
 import pytest
+from project_imports import ROOT, imported_names, module_files
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"pipeline.params", "pipeline.tracking", "pipeline.cluster", "pipeline.storage"}
-
-
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
     """Project modules that `path` imports, at module level or inside functions (lazy imports count:
     a circle through a lazy import is still a circle in the design)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            if name in known:
-                found.add(name)
-    return found
+    return set(imported_names(path)) & known
 
 
 def graph(package: str) -> dict[str, set[str]]:
-    files = {module_name(p): p for p in (ROOT / package).rglob("*.py")}
-    known = set(files) | {module_name(p) for p in (ROOT / "stm_core").rglob("*.py")}
+    files = module_files(package)
+    known = set(files) | set(module_files("stm_core"))
     return {name: imports(path, known) - {name} for name, path in files.items()}
 
 
@@ -77,13 +59,9 @@ def test_stage_families_are_subpackages_and_shared_helpers_import_no_stage() -> 
 
 
 def test_stm_core_never_imports_pipeline() -> None:
-    for path in (ROOT / "stm_core").rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
-                pytest.fail(f"{path}: imports {node.module}")
-            if isinstance(node, ast.Import) and any(a.name.startswith("pipeline") for a in node.names):
-                pytest.fail(f"{path}: imports pipeline")
+    for path in module_files("stm_core").values():
+        bad = [n for n in imported_names(path) if n == "pipeline" or n.startswith("pipeline.")]
+        assert not bad, f"{path}: imports {bad[0]}"
 
 
 def test_every_command_module_exposes_the_cli_interface() -> None:

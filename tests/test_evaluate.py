@@ -340,8 +340,27 @@ def _md_rows(text: str, heading: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
+def run_stages(tmp_path: Path, monkeypatch, params: dict, *commands: list[str]) -> None:
+    """Write params.yaml in tmp_path and run each `stm` command there on a local Ray instance,
+    with the project's MLflow store in tmp_path."""
+    import ray
+
+    from pipeline.cli import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for command in commands:
+            assert main(command) == 0, command
+    finally:
+        ray.shutdown()
+
+
 def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     import mlflow
     import torch
 
@@ -363,16 +382,7 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
         "memory": {"every": 2, "slots": 3, "rules": ["A", "C"]},
         "mlflow": {"experiment": "test-eval"},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        assert main(["evaluate", "--params", "params.yaml"]) == 0
-        assert main(["report"]) == 0
-    finally:
-        ray.shutdown()
+    run_stages(tmp_path, monkeypatch, params, ["evaluate", "--params", "params.yaml"], ["report"])
     first = Path("reports/ablation.md").read_bytes(), Path("reports/ablation.png").read_bytes()
     assert main(["report"]) == 0  # the same inputs give the same report
     assert (Path("reports/ablation.md").read_bytes(), Path("reports/ablation.png").read_bytes()) == first
@@ -434,10 +444,9 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_evaluation_loads_each_checkpoint_once_per_worker(tmp_path, monkeypatch):
     """10 variants x 8 sequences on a pool of actors: every actor loads each checkpoint it uses once."""
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     import torch
 
-    from pipeline.cli import main
     from stm_core.model.checkpoint import save_checkpoint
     from stm_core.model.network import ModelConfig, STMNetwork
 
@@ -454,15 +463,7 @@ def test_evaluation_loads_each_checkpoint_once_per_worker(tmp_path, monkeypatch)
         "memory": {"every": 2, "fifo": 3, "slots": 3, "rules": ["A", "B", "C", "D"]},
         "mlflow": {"experiment": "test-eval-loads"},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        assert main(["evaluate", "--params", "params.yaml"]) == 0
-    finally:
-        ray.shutdown()
+    run_stages(tmp_path, monkeypatch, params, ["evaluate", "--params", "params.yaml"])
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert len(metrics) == 10
     loads = json.loads(Path("results/evaluation.json").read_text())["checkpoint_loads"]

@@ -16,18 +16,42 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+RAY_CLI = str(BIN / "ray")
+# Loopback test heads: no token (Ray >= 2.59 turns token auth on for new local clusters).
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+PORT_FLAGS = ("--port", "--object-manager-port", "--node-manager-port", "--ray-client-server-port",
+              "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+              "--runtime-env-agent-port", "--metrics-export-port")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    (port,) = free_ports(1)
+    return port
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free right now (all sockets held open together, so no repeats)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without a Ray or MLflow address of its own, this venv first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **RAY_ENV, **extra}
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Until `url` answers 2xx/3xx (urllib raises on the others); fails early when `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -38,6 +62,16 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{tail(log)}")
+
+
+def wait_for(predicate, timeout: float, what: str, details=lambda: "") -> None:
+    """Poll `predicate` each second; TimeoutError naming `what` (and `details()`) when it never holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{what} after {timeout:.0f} s\n{details()}")
 
 
 def tail(log: Path | None, n: int = 4000) -> str:
@@ -180,3 +214,32 @@ def wait_nodes(dashboard: str, count: int, timeout: float, log: Path) -> list[di
             return nodes
         time.sleep(1)
     raise TimeoutError(f"{len(nodes)} of {count} Ray nodes alive after {timeout:.0f} s:\n{tail(log)}")
+
+
+# ----------------------------------------------------------------- a one-node cluster for job tests
+@dataclass
+class RayHead:
+    gcs_address: str  # host:port, what RAY_ADDRESS / ray.init take
+    dashboard_url: str  # http://host:port, what `ray job submit --address` takes
+    temp_dir: str
+
+
+def start_job_head(procs: Processes, temp_dir: Path, log: Path, cpus: int, object_store_bytes: int) -> RayHead:
+    """`ray start --head` with every port fresh and its own temp dir (pass `procs` a marker naming
+    it); returns once the jobs API answers."""
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+    args = [RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
+            "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            f"--object-store-memory={object_store_bytes}", *(f"{flag}={port}" for flag, port in ports.items())]
+    proc = procs.start(args, log, clean_env())
+    head = RayHead(f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}", str(temp_dir))
+    wait_http(f"{head.dashboard_url}/api/version", 90, proc, log)
+    wait_http(f"{head.dashboard_url}/api/jobs/", 30, proc, log)
+    return head
+
+
+def job_status(head: RayHead, job_id: str) -> str:
+    """`ray job status` output (for waits and failure messages)."""
+    done = subprocess.run([RAY_CLI, "job", "status", "--address", head.dashboard_url, job_id],
+                          env=clean_env(), capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr

@@ -13,114 +13,25 @@ Teardown stops every process of the cluster and the server by its own process id
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-psutil = pytest.importorskip("psutil")  # both come with ray[default]; the GPU benchmark box has neither
 ray = pytest.importorskip("ray")
+
+import loopback as lb  # noqa: E402 - after the skip
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-RAY_CLI = str(BIN / "ray")
 CLUSTER_CPUS = 2
-# Loopback test head: no token (Ray >= 2.59 turns token auth on for new local clusters).
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-PORT_FLAGS = ("--port", "--object-manager-port", "--node-manager-port", "--ray-client-server-port",
-              "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-              "--runtime-env-agent-port", "--metrics-export-port")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (all sockets held open together, so no repeats)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return {**env, **RAY_ENV, **extra}
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not ready at {url} after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def own_processes(root_pid: int, marker: str | None) -> list[psutil.Process]:
-    """The process tree under root_pid, plus any process whose command line names our private temp
-    dir (Ray daemons that re-parent themselves). Never matches by program name."""
-    found: dict[int, psutil.Process] = {}
-    try:
-        root = psutil.Process(root_pid)
-        found.update({p.pid: p for p in [root, *root.children(recursive=True)]})
-    except psutil.NoSuchProcess:
-        pass
-    if marker:
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if marker in " ".join(p.info["cmdline"] or []):
-                    found[p.pid] = p
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-    found.pop(os.getpid(), None)
-    return list(found.values())
-
-
-def stop_processes(root: subprocess.Popen, marker: str | None) -> list[str]:
-    """SIGTERM, then SIGKILL after a grace period; returns what is still alive (should be nothing)."""
-    procs = own_processes(root.pid, marker)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)  # a test cluster need not shut down politely
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    try:
-        root.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    leftovers = []
-    for p in own_processes(root.pid, marker):
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                leftovers.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-        except psutil.NoSuchProcess:
-            continue
-    return leftovers
 
 
 @dataclass
@@ -130,15 +41,8 @@ class MlflowServer:
     log: Path
 
     def wait_ready(self, timeout: float = 90) -> str:
-        wait_http(f"{self.url}/health", self.proc, self.log, timeout, "mlflow server")
+        lb.wait_http(f"{self.url}/health", timeout, self.proc, self.log)
         return self.url
-
-
-@dataclass
-class RayHead:
-    gcs_address: str  # host:port, what RAY_ADDRESS / ray.init take
-    dashboard_url: str  # http://host:port, what `ray job submit --address` takes
-    temp_dir: str
 
 
 @pytest.fixture(scope="module")
@@ -154,41 +58,29 @@ def mlflow_server(workdir):
     """infra/mlflow/start-server.sh on 127.0.0.1 with a sqlite store (every option the script can pass,
     so an option this MLflow lacks fails here); started before the cluster so both warm up together.
     Tests call wait_ready()."""
-    (port,) = free_ports(1)
+    port = lb.free_port()
+    env = lb.clean_env(MLFLOW_DATA_DIR=str(workdir / "mlflow"), MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port),
+                       MLFLOW_WORKERS="1", MLFLOW_ALLOWED_HOSTS="127.0.0.1:*,localhost:*")
+    procs = lb.Processes(marker=str(workdir / "mlflow"))
     log = workdir / "mlflow-server.log"
-    env = clean_env(MLFLOW_DATA_DIR=str(workdir / "mlflow"), MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port),
-                    MLFLOW_WORKERS="1", MLFLOW_ALLOWED_HOSTS="127.0.0.1:*,localhost:*")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "infra" / "mlflow" / "start-server.sh")], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = MlflowServer(f"http://127.0.0.1:{port}", proc, log)
+    proc = procs.start(["bash", str(REPO / "infra" / "mlflow" / "start-server.sh")], log, env)
     try:
-        yield server
+        yield MlflowServer(f"http://127.0.0.1:{port}", proc, log)
     finally:
-        leftovers = stop_processes(proc, marker=str(workdir / "mlflow"))
-        assert not leftovers, f"mlflow server processes still running: {leftovers}"
+        procs.stop()
+        assert not procs.leftovers(), f"mlflow server processes still running: {procs.leftovers()}"
 
 
 @pytest.fixture(scope="module")
 def ray_head(workdir, mlflow_server):
-    temp_dir = str(workdir / "ray")
-    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-    cmd = [RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={CLUSTER_CPUS}",
-           "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           "--object-store-memory=300000000", *(f"{flag}={port}" for flag, port in ports.items())]
-    log = workdir / "ray-start.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=clean_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}", temp_dir)
+    procs = lb.Processes(marker=str(workdir / "ray"))
     try:
-        wait_http(f"{head.dashboard_url}/api/version", proc, log, 90, "ray head (dashboard)")
-        wait_http(f"{head.dashboard_url}/api/jobs/", proc, log, 30, "ray jobs API")
-        yield head
+        yield lb.start_job_head(procs, workdir / "ray", workdir / "ray-start.log", CLUSTER_CPUS, 300_000_000)
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        leftovers = stop_processes(proc, marker=temp_dir)
-        assert not leftovers, f"Ray processes still running after teardown: {leftovers}"
+        procs.stop()
+        assert not procs.leftovers(), f"Ray processes still running after teardown: {procs.leftovers()}"
 
 
 def job_working_dir(root: Path) -> Path:
@@ -243,9 +135,9 @@ def test_ray_job_submit_runs_stm_evaluate_on_the_cluster(ray_head, mlflow_server
                   "--plots", str(shared / "plots")]
     started = time.monotonic()
     result = subprocess.run(
-        [RAY_CLI, "job", "submit", "--address", ray_head.dashboard_url, "--submission-id", submission_id,
+        [lb.RAY_CLI, "job", "submit", "--address", ray_head.dashboard_url, "--submission-id", submission_id,
          "--working-dir", str(job_dir), "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint],
-        env=clean_env(), capture_output=True, text=True, timeout=300)
+        env=lb.clean_env(), capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"ray job submit failed ({elapsed:.0f} s):\n{output[-5000:]}"
@@ -282,7 +174,7 @@ def test_init_ray_joins_the_cluster_from_ray_address(ray_head, monkeypatch):
     from pipeline.cluster import init_ray, on_driver_node, shutdown_ray
 
     monkeypatch.setenv("RAY_ADDRESS", ray_head.gcs_address)
-    for key, value in RAY_ENV.items():
+    for key, value in lb.RAY_ENV.items():
         monkeypatch.setenv(key, value)
     if ray.is_initialized():  # init_ray is a no-op on a live session: start from none
         ray.shutdown()

@@ -23,15 +23,8 @@ import pytest
 psutil = pytest.importorskip("psutil")
 ray = pytest.importorskip("ray")
 
-from test_cluster import (  # noqa: E402 - after the skips: the helpers need psutil and ray
-    PORT_FLAGS,
-    RAY_CLI,
-    RayHead,
-    clean_env,
-    free_ports,
-    stop_processes,
-    wait_http,
-)
+import loopback as lb  # noqa: E402 - after the skips
+from loopback import RAY_CLI, RayHead, clean_env, job_status, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -101,21 +94,12 @@ stages:
 @pytest.fixture(scope="module")
 def head():
     workdir = Path(tempfile.mkdtemp(prefix="stmres-", dir="/tmp"))  # short: Ray's socket paths
-    temp_dir = str(workdir / "ray")
-    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-    cmd = [RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-           "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           "--object-store-memory=200000000", *(f"{flag}={port}" for flag, port in ports.items())]
-    log = workdir / "ray-start.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=clean_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    ray_head = RayHead(f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}", temp_dir)
+    procs = lb.Processes(marker=str(workdir / "ray"))
     try:
-        wait_http(f"{ray_head.dashboard_url}/api/version", proc, log, 90, "ray head (dashboard)")
-        wait_http(f"{ray_head.dashboard_url}/api/jobs/", proc, log, 30, "ray jobs API")
-        yield ray_head, workdir
+        yield lb.start_job_head(procs, workdir / "ray", workdir / "ray-start.log", 2, 200_000_000), workdir
     finally:
-        leftovers = stop_processes(proc, marker=temp_dir)
+        procs.stop()
+        leftovers = procs.leftovers()
         shutil.rmtree(workdir, ignore_errors=True)
         assert not leftovers, f"Ray processes still running after teardown: {leftovers}"
 
@@ -147,21 +131,6 @@ def job(head: RayHead, repo: Path, env_vars: dict, *extra: str) -> subprocess.Co
         [RAY_CLI, "job", "submit", "--address", head.dashboard_url, "--working-dir", ".", *extra,
          "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "bash", "infra/run-pipeline.sh"],
         cwd=repo, env=clean_env(DVC_NO_ANALYTICS="1"), capture_output=True, text=True, timeout=300)
-
-
-def job_status(head: RayHead, job_id: str) -> str:
-    done = subprocess.run([RAY_CLI, "job", "status", "--address", head.dashboard_url, job_id],
-                          env=clean_env(), capture_output=True, text=True, timeout=60)
-    return done.stdout + done.stderr
-
-
-def wait_for(predicate, timeout: float, what: str, details=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    raise TimeoutError(f"{what} after {timeout:.0f} s\n{details()}")
 
 
 def test_killed_job_resumes_from_the_stage_that_failed(head):

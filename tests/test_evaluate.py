@@ -491,3 +491,24 @@ def test_the_driver_deserialises_each_checkpoint_once(tmp_path, monkeypatch):
     (_, data), = models.values()
     assert stage.checkpoint_training_data(data) == "static images"
     assert len(loads) == 1
+
+
+def test_work_is_dispatched_heaviest_first(tmp_path):
+    """LPT order: long, many-object sequences with costly variants go first, copy-first last, so the
+    actor pool does not end on one long item while the others idle."""
+    from pipeline.evaluate.stage import heaviest_first
+    from stm_core.data.video import VideoSequence
+
+    def sequence(name: str, frames: int, objects: int) -> VideoSequence:
+        mask = tmp_path / f"{name}.png"
+        write_index_mask(mask, np.arange(objects + 1, dtype=np.uint8).repeat(4).reshape(-1, 1).repeat(4, 1))
+        return VideoSequence(name, [tmp_path / f"{name}-{t}.jpg" for t in range(frames)], {0: mask})
+
+    variants = parse_variants(["copy-first", "stm:first", "stm:every", "strmn:C"], MemoryParams(slots=4))
+    videos = [sequence("short-one", 10, 1), sequence("long-three", 40, 3)]
+    order = [(v.name, s.name) for v, s in heaviest_first([(v, s) for s in videos for v in variants])]
+    assert order[0] == ("strmn-recurrent-4-C", "long-three")
+    assert order[:3] == [("strmn-recurrent-4-C", "long-three"), ("stm-every-5", "long-three"),
+                         ("stm-first", "long-three")]
+    assert {o[0] for o in order[-2:]} == {"copy-first"}
+    assert sorted(order) == sorted((v.name, s.name) for s in videos for v in variants)

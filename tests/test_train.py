@@ -438,3 +438,74 @@ def test_resumed_ranks_skip_the_same_number_of_video_batches(monkeypatch):
             next(batches)
         pulled[rank] = shard.pulled
     assert pulled == {0: 7, 1: 7}, pulled
+
+
+def test_in_process_training_uses_the_machines_cpus_and_ranks_their_share(tmp_path, monkeypatch):
+    """num_workers 0 trains in the driver's process: all its CPUs (at most ray.num_cpus) as torch
+    threads. DDP ranks get cpus_per_worker threads each."""
+    from pipeline.train import driver
+
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "data/raw/builtin-videos").mkdir(parents=True)
+    monkeypatch.setattr(driver.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    threads = {}
+    for workers, num_cpus in ((0, None), (0, 2), (2, None)):
+        path = write_params(tmp_path, ray={"num_workers": workers, "num_cpus": num_cpus, "cpus_per_worker": 1})
+        s = train_cmd.settings(path, "main", "stm")
+        threads[workers, num_cpus] = driver.loop_config(s, max(1, workers), None, "data")["threads"]
+    assert threads == {(0, None): 4, (0, 2): 2, (2, None): 1}
+
+
+def clip_digests(batches) -> list[tuple[int, str]]:
+    """(step, digest of frames + masks) per clip, sorted: the clips whatever their order."""
+    import hashlib
+
+    out = []
+    for b in batches:
+        for i in range(len(b["step"])):
+            blob = b["frames"][i].numpy().tobytes() + b["masks"][i].numpy().tobytes()
+            out.append((int(b["step"][i]), hashlib.sha256(blob).hexdigest()))
+    return sorted(out)
+
+
+@pytest.mark.slow
+def test_in_process_shard_gives_the_clips_of_ray_data(project, ray_2cpu):
+    """LocalShard (num_workers 0, no Ray) makes the very clips Ray Data makes, videos and Parquet."""
+    from pipeline.train.driver import loop_config
+    from pipeline.train.input import LocalShard, build_dataset
+
+    params = write_params(project, ray={"num_workers": 0})
+    for stage in ("main", "pretrain"):
+        s = train_cmd.settings(params, stage, "stm")
+        config = loop_config(s, 1, None, s.data_location())
+        steps, batch = s.stage_params.steps, s.batch_size
+        local = list(LocalShard(config, steps, batch).iter_torch_batches(batch_size=batch))
+        on_ray = list(build_dataset(config, steps, batch, materialize=True).iter_torch_batches(batch_size=batch))
+        assert len(local) == (steps + 1 if stage == "main" else 8 // batch), stage
+        assert clip_digests(local) == clip_digests(on_ray), stage
+        shuffled = LocalShard(config, steps, batch).iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=64,
+                                                                      local_shuffle_seed=3)
+        assert clip_digests(shuffled) == clip_digests(local), stage
+
+
+@pytest.mark.slow
+def test_in_process_stage_starts_no_ray(project, monkeypatch):
+    """`ray.num_workers: 0` on one machine: Ray Train's local mode in the stage's own process, clips
+    from LocalShard; Ray is never started, the outputs and the MLflow run are the usual ones."""
+    from pipeline import cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("an in-process stage on one machine must not start Ray")
+
+    monkeypatch.setattr(cluster, "init_ray", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    params = write_params(project, ray={"num_workers": 0})
+    assert stm("--stage", "pretrain", "--params", str(params)) == 0
+    assert stm("--stage", "main", "--params", str(params)) == 0
+    metrics = json.loads((project / "metrics/train-main.json").read_text())
+    assert metrics["steps"] == 6 and np.isfinite(metrics["final_loss"])
+    assert curve_steps(project / "plots/train-main.csv") == [1, 2, 3, 4, 5, 6]
+    main = [r for r in runs(project) if r.info.run_name == "train-main"]
+    assert len(main) == 1 and main[0].info.status == "FINISHED"
+    summary = training_summary(project, main[0].info.run_id)
+    assert summary["workers"] == 1 and summary["global_batch"] == 2

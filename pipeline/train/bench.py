@@ -3,7 +3,7 @@ configuration on a GPU:
 
     python -m pipeline.train.bench --device cuda --backbone resnet50 --crop 384 --batch 4 --precision bf16
 
-It builds the same `Unroll` module and optimizer step as `stm train` (channels_last and autocast
+It builds the same `Unroll` module and optimizer step as `stm train` (channels_last, and autocast
 on CUDA), runs `--warmup` untimed steps and `--steps` timed ones, and prints one JSON line: device
 name, clips/s, ms/step, the share of time the step waited for data, peak memory, loss. The clips are
 random tensors (the step alone: wait 0), or with `--data DIR` the synthetic Parquet shards of
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     net = STMNetwork(ModelConfig(kind=args.kind, backbone=args.backbone, norm=args.norm, decoder_dim=args.decoder_dim))
-    channels_last = device.type == "cuda"
-    net = net.to(device, memory_format=torch.channels_last) if channels_last else net.to(device)
+    channels_last = True  # as `stm train` (pipeline.train.loop), on CPU too
+    net = net.to(device, memory_format=torch.channels_last)
     model = Unroll(net, {"loss": "ce", "bootstrap_top_p": 0.15}, {"rule": "C", "slots": 3, "segment_length": 4})
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-5)
     dtype, use_scaler = precision({"train": {"precision": args.precision}}, device)

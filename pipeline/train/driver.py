@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from pipeline import storage, tracking
 from pipeline.train import registry
-from pipeline.train.input import build_dataset
+from pipeline.train.input import LocalShard, build_dataset
 from pipeline.train.loop import METRICS_FILE, STATE_FILE, train_loop
 from pipeline.train.settings import (
     RUN_ID_FILE,
@@ -63,13 +64,22 @@ def mlflow_run(s: TrainSettings, uri: str, storage: str, name: str, params: dict
 
 
 # ----------------------------------------------------------------- config for the workers
+def in_process_threads(num_cpus: int | None) -> int:
+    """Torch threads of an in-process run: the CPUs this process may use, at most `ray.num_cpus`.
+    With `materialize` (the CPU default) Ray Data decodes every clip before training starts, so
+    the two do not compete for the cores."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(available, int(num_cpus)) if num_cpus else available)
+
+
 def loop_config(s: TrainSettings, world: int, init_payload, data_path: str) -> dict:
     sp = s.stage_params
     per_worker = max(1, s.batch_size // world)
     data = {"kind": "parquet" if sp.data_format == "parquet" else "videos", "path": data_path,
             "format": sp.data_format, "split": sp.split, "shuffle_buffer": sp.shuffle_buffer}
     # One torch thread per reserved CPU: more threads than cores makes OpenMP spin and crawl.
-    threads = max(1, int(s.ray.cpus_per_worker))
+    # In-process (num_workers 0) the driver's own process trains: it gets this machine's CPUs.
+    threads = max(1, int(s.ray.cpus_per_worker)) if s.ray.num_workers > 0 else in_process_threads(s.ray.num_cpus)
     return {"stage": s.stage, "model": s.model.to_dict(), "init": init_payload, "train": dataclasses.asdict(sp),
             "strmn": dataclasses.asdict(s.strmn), "seed": s.seed, "frames": s.frames, "per_worker_batch": per_worker,
             "data": data, "threads": threads, "mlflow": {"uri": "", "run_id": ""}, "fault": None}
@@ -141,6 +151,14 @@ def write_dvc_outputs(s: TrainSettings, summary: dict) -> None:
                                 for k in DVC_TRAIN_METRICS})
 
 
+def runs_locally(s: TrainSettings) -> bool:
+    """In-process (num_workers 0) on this machine, with no cluster (RAY_ADDRESS) and local storage
+    and data: the loop needs no Ray instance. Anything else goes through Ray (Data and Train)."""
+    if s.ray.num_workers > 0 or os.environ.get("RAY_ADDRESS"):
+        return False
+    return not storage.is_uri(s.storage()) and not storage.is_uri(s.data_location())
+
+
 # ----------------------------------------------------------------- the stage
 def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
     import ray
@@ -155,12 +173,18 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
     data_location, location = s.data_location(), s.storage()
     if not data_path.exists():
         raise FileNotFoundError(f"{data_path}: training data not found (stage {s.stage}, data_format {sp.data_format})")
-    started_ray = not ray.is_initialized()
-    init_ray(num_cpus=rp.num_cpus, object_store_memory=rp.object_store_mb * 2**20 if rp.object_store_mb else None)
+    local = runs_locally(s)
+    started_ray = False
+    if local:  # in-process on this machine: Ray Train's local mode, no Ray instance to start
+        uri = tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri)
+    else:
+        started_ray = not ray.is_initialized()
+        init_ray(num_cpus=rp.num_cpus, object_store_memory=rp.object_store_mb * 2**20 if rp.object_store_mb else None)
     try:
-        nodes = alive_nodes()
-        require_shared("train", shared_locations(s), nodes)
-        uri = resolve_tracking_uri(tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri), nodes)
+        if not local:
+            nodes = alive_nodes()
+            require_shared("train", shared_locations(s), nodes)
+            uri = resolve_tracking_uri(tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri), nodes)
         if storage.is_uri(data_location) and data_location != s.stage_params.data.replace("{model}", s.kind):
             if storage.publish(data_path, data_location):  # the local DVC copy -> the store, when it changed
                 log.info("[train] mirrored %s to %s", data_path, data_location)
@@ -191,7 +215,7 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
             payload = ray.put(payload)  # workers on other nodes get it from the object store
         config = loop_config(s, world, payload, data_location)
         config["mlflow"] = {"uri": uri, "run_id": run_id}
-        config["driver_node"] = ray.get_runtime_context().get_node_id()
+        config["driver_node"] = None if local else ray.get_runtime_context().get_node_id()
         if rp.num_workers == 0:  # in-process: Ray Train does not persist checkpoints, keep them here
             config["local_checkpoints"] = None if storage.is_uri(location) else str(Path(location) / name / "local")
         if fault:
@@ -200,7 +224,8 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
         # Ray Data needs CPUs of its own; on a 2-CPU machine the training workers take them all and a
         # streaming read never gets scheduled: materialize (the embedded default) computes it first.
         materialize = sp.materialize if sp.materialize is not None else not rp.use_gpu
-        datasets = {"train": build_dataset(config, sp.steps, per_worker * world, materialize)}
+        datasets = {"train": LocalShard(config, sp.steps, per_worker * world) if local else
+                    build_dataset(config, sp.steps, per_worker * world, materialize)}
         resources = {"CPU": rp.cpus_per_worker, **({"GPU": rp.gpus_per_worker} if rp.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop, train_loop_config=config, datasets=datasets,

@@ -14,6 +14,7 @@ Each output row: frames N x H x W x 3 uint8, masks N x H x W uint8 (ids 1..K), n
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,71 @@ def read_parquet(location: str):
         fs, path = storage.filesystem(location)
         return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
     return ray.data.read_parquet(location, file_extensions=["parquet"])
+
+
+class LocalShard:
+    """In-process training (`ray.num_workers: 0` on one machine): the clips of `build_dataset`, made
+    by the same UDFs from the same clip numbers, in this process. No Ray instance and no Ray Data
+    actors to start, which is about 10 s of each stage's start-up on 2 CPUs. It offers the one
+    method the training loop calls on a Ray Data shard (`iter_torch_batches`), one epoch per call.
+
+    Videos: clip r is drawn from clip_rng(seed, r) for its step, exactly as on Ray Data. Parquet:
+    every row decoded once (as `materialize`), then each epoch in a permutation drawn from
+    `local_shuffle_seed` (Ray Data's local shuffle buffer, taken to the whole set)."""
+
+    def __init__(self, config: dict, total_steps: int, global_batch: int):
+        self.config, self.total, self.batch = config, total_steps, global_batch
+        self._clips: dict[str, np.ndarray] | None = None  # decoded Parquet rows
+        self._sampler: SampleVideoClips | None = None
+
+    def iter_torch_batches(self, *, batch_size: int, drop_last: bool = True, local_shuffle_buffer_size=None,
+                           local_shuffle_seed: int | None = None, **_ignored):
+        import torch
+
+        data, tp = self.config["data"], self.config["train"]
+        if data["kind"] == "parquet":
+            columns = self._parquet_clips()
+            n = len(columns["step"])
+            order = (np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_buffer_size
+                     else np.arange(n))
+            batches = (order[i:i + batch_size] for i in range(0, n, batch_size))
+            make = lambda rows: {k: v[rows] for k, v in columns.items()}  # noqa: E731
+        else:
+            if self._sampler is None:
+                from pipeline.train.schedule import holdout
+
+                self._sampler = SampleVideoClips(
+                    data, self.config["frames"], tp["crop"], tp["max_objects"], self.config["seed"], self.total,
+                    self.batch, tp["max_skip"], tp["skip_ramp"], holdout(tp))
+            rows = (self.total + 1) * self.batch  # as build_dataset: one step of slack
+            batches = (np.arange(i, min(i + batch_size, rows)) for i in range(0, rows, batch_size))
+            make = lambda ids: self._sampler({"id": ids})  # noqa: E731
+        for ids in batches:
+            if drop_last and len(ids) < batch_size:
+                return
+            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in make(ids).items()}
+
+    def _parquet_clips(self) -> dict[str, np.ndarray]:
+        if self._clips is None:
+            import pyarrow.parquet as pq
+
+            from pipeline import storage
+
+            path, tp = self.config["data"]["path"], self.config["train"]
+            if storage.is_uri(path):
+                raise ValueError(f"{path}: in-process training reads local Parquet shards only (use Ray Data)")
+            files = sorted(Path(path).glob("*.parquet"))
+            if not files:
+                raise FileNotFoundError(f"{path}: no Parquet shards (run `stm synthesize` first)")
+            decode = DecodeSynthetic(tp["crop"], tp["max_objects"], self.config["seed"])
+            parts = []
+            for f in files:
+                table = pq.read_table(f, columns=["clip_id", "n_frames", "frames", "masks"])
+                for start in range(0, table.num_rows, 16):  # the batch size of the Ray Data map
+                    chunk = table.slice(start, 16)
+                    parts.append(decode({k: chunk.column(k).to_numpy(zero_copy_only=False) for k in chunk.column_names}))
+            self._clips = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._clips
 
 
 def build_dataset(config: dict, total_steps: int, global_batch: int, materialize: bool, cpus: float = 1.0):

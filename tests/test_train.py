@@ -509,3 +509,28 @@ def test_in_process_stage_starts_no_ray(project, monkeypatch):
     assert len(main) == 1 and main[0].info.status == "FINISHED"
     summary = training_summary(project, main[0].info.run_id)
     assert summary["workers"] == 1 and summary["global_batch"] == 2
+
+
+@pytest.mark.slow
+def test_in_process_stage_resumes_after_a_crash(project):
+    """The in-process stage dies after its checkpoint at step 2; run again, it resumes there, in the
+    same MLflow run, and the loss curve has every step once."""
+    import os
+    import subprocess
+    import sys
+
+    params = write_params(project, ray={"num_workers": 0}, pretrain={"checkpoint_every": 2})
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--stage", "pretrain", "--params", str(params)]
+    marker = project / "fault.marker"
+    first = subprocess.run(cmd, cwd=project, env={**env, train_cmd.FAULT_ENV: f"3:{marker}"}, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode != 0 and marker.is_file(), first.stdout[-3000:] + first.stderr[-3000:]
+    assert not (project / "models/pretrain/model.pt").exists()
+    second = subprocess.run(cmd, cwd=project, env={**env, train_cmd.FAULT_ENV: f"3:{marker}"}, capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from the checkpoint at step 2" in second.stdout, second.stdout[-3000:]
+    assert curve_steps(project / "plots/train-pretrain.csv") == [1, 2, 3, 4]
+    (run,) = runs(project)
+    assert run.info.status == "FINISHED" and training_summary(project, run.info.run_id)["restarts"] == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -226,7 +227,8 @@ def train_loop(config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
     start, totals = 0, {"clips": 0, "seconds": 0.0, "loss": float("nan"), "restarts": 0, "resumed_from": 0, "curve": []}
-    checkpoint = ray.train.get_checkpoint()
+    # In-process runs (local mode) get no checkpoint from Ray Train: theirs are on this disk.
+    checkpoint = ray.train.get_checkpoint() or latest_local_checkpoint(config.get("local_checkpoints"))
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
@@ -370,6 +372,23 @@ def report_checkpoint(metrics: dict, network, optimizer, scaler, step: int, rngs
     write_state(str(folder), network, optimizer, scaler, step, rngs, totals, config, world)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name,
                      delete_local_checkpoint_after_upload=not local)
+    if local:  # Ray Train keeps num_to_keep in its storage; here we do
+        for old in complete_checkpoints(local)[: -max(1, config["train"]["num_to_keep"])]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(local: str) -> list[Path]:
+    """In-process checkpoints whose state and summary were both written (the summary goes last), oldest first."""
+    folders = Path(local).glob("checkpoint_*") if Path(local).is_dir() else []
+    return sorted(p for p in folders if (p / STATE_FILE).is_file() and (p / METRICS_FILE).is_file())
+
+
+def latest_local_checkpoint(local: str | None):
+    """The newest complete in-process checkpoint (a crashed stage resumes from it), or None."""
+    import ray.train
+
+    done = complete_checkpoints(local) if local else []
+    return ray.train.Checkpoint.from_directory(str(done[-1])) if done else None
 
 
 def write_state(folder: str, network: STMNetwork, optimizer, scaler, step: int, rngs: list, totals: dict,

@@ -66,8 +66,8 @@ def mlflow_run(s: TrainSettings, uri: str, storage: str, name: str, params: dict
 # ----------------------------------------------------------------- config for the workers
 def in_process_threads(num_cpus: int | None) -> int:
     """Torch threads of an in-process run: the CPUs this process may use, at most `ray.num_cpus`.
-    With `materialize` (the CPU default) Ray Data decodes every clip before training starts, so
-    the two do not compete for the cores."""
+    Its clips are made in the same process between steps (LocalShard), or by Ray Data before
+    training starts (`materialize`, the CPU default), so nothing else competes for the cores."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(available, int(num_cpus)) if num_cpus else available)
 
@@ -173,18 +173,16 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
     data_location, location = s.data_location(), s.storage()
     if not data_path.exists():
         raise FileNotFoundError(f"{data_path}: training data not found (stage {s.stage}, data_format {sp.data_format})")
-    local = runs_locally(s)
-    started_ray = False
-    if local:  # in-process on this machine: Ray Train's local mode, no Ray instance to start
-        uri = tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri)
-    else:
-        started_ray = not ray.is_initialized()
+    local = runs_locally(s)  # in-process on this machine: Ray Train's local mode, no Ray instance to start
+    uri = tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri)
+    started_ray = not local and not ray.is_initialized()
+    if not local:
         init_ray(num_cpus=rp.num_cpus, object_store_memory=rp.object_store_mb * 2**20 if rp.object_store_mb else None)
     try:
         if not local:
             nodes = alive_nodes()
             require_shared("train", shared_locations(s), nodes)
-            uri = resolve_tracking_uri(tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri), nodes)
+            uri = resolve_tracking_uri(uri, nodes)
         if storage.is_uri(data_location) and data_location != s.stage_params.data.replace("{model}", s.kind):
             if storage.publish(data_path, data_location):  # the local DVC copy -> the store, when it changed
                 log.info("[train] mirrored %s to %s", data_path, data_location)

@@ -20,6 +20,12 @@ from typing import Any
 import numpy as np
 
 VIDEO_STREAM = 7_000_003  # clip_rng stream of video clips (synthetic sets use their own)
+DECODE_BATCH = 16  # Parquet rows per DecodeSynthetic call
+
+
+def video_rows(total_steps: int, global_batch: int) -> int:
+    """Clip numbers of a video stage: one step of slack, so every rank always fills its last batch."""
+    return (total_steps + 1) * global_batch
 
 
 class DecodeSynthetic:
@@ -122,7 +128,7 @@ class LocalShard:
                 self._sampler = SampleVideoClips(
                     data, self.config["frames"], tp["crop"], tp["max_objects"], self.config["seed"], self.total,
                     self.batch, tp["max_skip"], tp["skip_ramp"], holdout(tp))
-            rows = (self.total + 1) * self.batch  # as build_dataset: one step of slack
+            rows = video_rows(self.total, self.batch)
             batches = (np.arange(i, min(i + batch_size, rows)) for i in range(0, rows, batch_size))
             make = lambda ids: self._sampler({"id": ids})  # noqa: E731
         for ids in batches:
@@ -146,8 +152,8 @@ class LocalShard:
             parts = []
             for f in files:
                 table = pq.read_table(f, columns=["clip_id", "n_frames", "frames", "masks"])
-                for start in range(0, table.num_rows, 16):  # the batch size of the Ray Data map
-                    chunk = table.slice(start, 16)
+                for start in range(0, table.num_rows, DECODE_BATCH):
+                    chunk = table.slice(start, DECODE_BATCH)
                     parts.append(decode({k: chunk.column(k).to_numpy(zero_copy_only=False) for k in chunk.column_names}))
             self._clips = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return self._clips
@@ -166,9 +172,9 @@ def build_dataset(config: dict, total_steps: int, global_batch: int, materialize
     if data["kind"] == "parquet":
         ds = read_parquet(data["path"]).map_batches(
             DecodeSynthetic, fn_constructor_args=(tp["crop"], tp["max_objects"], config["seed"]),
-            batch_format="numpy", batch_size=16, compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=cpus)
+            batch_format="numpy", batch_size=DECODE_BATCH, compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=cpus)
     else:
-        rows = (total_steps + 1) * global_batch  # one step of slack: every rank always fills its last batch
+        rows = video_rows(total_steps, global_batch)
         ds = ray.data.range(rows, override_num_blocks=max(1, min(64, rows // max(1, global_batch)))).map_batches(
             SampleVideoClips, fn_constructor_kwargs={
                 "data": data, "n_frames": config["frames"], "crop": tp["crop"], "max_objects": tp["max_objects"],

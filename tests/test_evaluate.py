@@ -20,6 +20,7 @@ from pipeline.evaluate.outputs import (
     j_per_frame_table,
     metrics_json,
     summarize_variant,
+    sequence_table,
     variants_table,
 )
 from pipeline.evaluate.variants import MemoryParams, parse_variants
@@ -222,6 +223,9 @@ def test_report_reads_only_the_evaluation_outputs(tmp_path, capsys):
               "variants": [{"name": "copy-first", "model": "none", "policy": "copy-first"},
                            {"name": "stm-every-5", "model": "stm", "policy": "every:5"}]}
     (tmp_path / "evaluation.json").write_text(json.dumps(record))
+    for s in summaries:  # results/<variant>/sequences.csv, beside the record, as `stm evaluate` leaves them
+        (tmp_path / s.name).mkdir()
+        (tmp_path / s.name / "sequences.csv").write_bytes(sequence_table(s))
     args = ["report", "--evaluation", str(tmp_path / "evaluation.json"), "--variants",
             str(tmp_path / "plots/evaluate_variants.csv"), "--out", str(tmp_path / "r/ablation.md"),
             "--chart", str(tmp_path / "r/ablation.png")]
@@ -229,6 +233,9 @@ def test_report_reads_only_the_evaluation_outputs(tmp_path, capsys):
     text = (tmp_path / "r/ablation.md").read_text()
     assert "| Every 5 frames | 100.0 |" in text and "davis videos" in text
     assert "warning: the evaluation record names no MLflow run" in capsys.readouterr().err
+    (tmp_path / "stm-every-5" / "sequences.csv").unlink()  # an incomplete results folder is not reported on
+    assert main(args) == 2
+    assert f"{tmp_path / 'stm-every-5' / 'sequences.csv'}: not found" in capsys.readouterr().err
     (tmp_path / "evaluation.json").unlink()
     assert main(args) == 2
     assert "evaluation.json: not found; run `stm evaluate`" in capsys.readouterr().err
@@ -270,6 +277,25 @@ def test_report_tables_follow_the_papers_layout():
     assert [c[0].strip("| ") for c in strmn] == ["Copy first mask (no model)", "Oldest vs remaining (A)",
                                                  "Least similarity pair (C)"]
     assert strmn[2][1:5] == ["69.0", "71.0", "70.0", "5"] and strmn[2][-1].startswith("76.1 / 81.0 / 78.5")
+
+
+def test_per_sequence_table_names_policies_whose_difference_changes_sign(tmp_path):
+    from pipeline.report.per_sequence import per_sequence_table, read_sequence_scores
+
+    rows = {"stm-first": [("a", 0.50), ("b", 0.70), ("c", 0.10)],
+            "stm-every-5": [("a", 0.56), ("b", 0.61), ("c", 0.10)],  # up on a, down on b: no ranking
+            "stm-fifo-8": [("a", 0.55), ("b", 0.75), ("c", 0.20)]}  # up everywhere: a ranking
+    for variant, per in rows.items():
+        (tmp_path / variant).mkdir()
+        text = "sequence,objects,JF_mean\n" + "".join(f"{s},1,{v}\n" for s, v in per)
+        (tmp_path / variant / "sequences.csv").write_text(text)
+    scores = read_sequence_scores(tmp_path, list(rows))
+    labels = [("stm-first", "First"), ("stm-every-5", "Every 5 frames"), ("stm-fifo-8", "FIFO 8")]
+    table, notes = per_sequence_table(labels, scores, "stm-first", ["a", "b", "c"])
+    assert table[2] == "| First | 50.0 | 70.0 | 10.0 |  |  |"
+    assert table[3] == "| Every 5 frames | 56.0 | 61.0 | 10.0 | +6.0 / -9.0 / +0.0 | 1 / 1 |"
+    assert table[4].endswith("| +5.0 / +5.0 / +10.0 | 3 / 0 |")
+    assert len(notes) == 1 and notes[0].startswith("Every 5 frames vs First: better on 1 sequence(s) and worse on 1")
 
 
 @pytest.mark.slow
@@ -330,7 +356,7 @@ def make_tiny_davis(root: Path, frames: int = 6, size: int = 64, extra: int = 0)
 
 
 def _md_rows(text: str, heading: str) -> dict[str, list[str]]:
-    part = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    part = text.split(heading, 1)[1].split("\n#", 1)[0]  # up to the next heading, of any level
     rows = {}
     for line in part.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -416,6 +442,10 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
                         ("Every 2 frames", "stm-every-2")):
         jf, j, f = (f"{100 * direct[name][k]:.1f}" for k in ("J&F-Mean", "J-Mean", "F-Mean"))
         assert stm[label][:3] == [jf, j, f], label
+    per_sequence = _md_rows(text, "sequence by sequence (J&F)")
+    first = {r["sequence"]: float(r["JF_mean"]) for r in csv.DictReader(Path("results/stm-first/sequences.csv").open())}
+    assert per_sequence["First"][:2] == [f"{100 * first[n]:.1f}" for n in names]
+    assert per_sequence["Every 2 frames"][-1] in {f"{b} / {w}" for b in range(3) for w in range(3 - b)}
     if HAS_STRMN:
         strmn = _md_rows(text, "STRMN Table 4 layout)")
         for label, name in (("Least similarity pair (C)", "strmn-recurrent-3-C"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.report.distinct import distinct_notes
+from pipeline.report.per_sequence import SequenceScores, per_sequence_table
 from stm_core.data.io import atomic_write_bytes
 
 # the columns of plots/evaluate_variants.csv (pipeline.evaluate.outputs.METRICS) the report shows
@@ -196,6 +197,18 @@ def i2m_table(rows: list[Row]) -> list[str]:
             *_table(["Methods", "J", "F", "Avg", "Paper: J / F / Avg (DAVIS-17, STRMN Table 3)"], body), ""]
 
 
+def stm_per_sequence(rows: list[Row], scores: SequenceScores | None, sequences: list[str]) -> list[str]:
+    """The STM policies' J&F per sequence and their difference from First (when First was evaluated)."""
+    stm = [r for r in stm_rows(rows) if r.model == "stm"]
+    first = [r.variant for r in stm if r.family == "first"]
+    if not scores or not first or len(stm) < 2 or not sequences:
+        return []
+    table, notes = per_sequence_table([(r.variant, stm_label(r)) for r in stm], scores, first[0], sequences)
+    return ["### STM memory policies sequence by sequence (J&F)", "",
+            "First is the reference: the difference from it on each video says whether a policy's other "
+            "memory frames (for Previous: the latest frame instead of the first) helped there.", "", *table, "", *[f"Note: {n}\n" for n in notes]]
+
+
 def training_note(rows: list[Row]) -> str:
     """One sentence per model kind: what it was trained on, and which published figure fits it."""
     notes = []
@@ -229,8 +242,10 @@ def _write_atomic(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def render_markdown(out: Path, evaluation: dict, rows: list[Row], chart: Path) -> None:
-    n_seq = len(evaluation.get("sequences") or [])
+def render_markdown(out: Path, evaluation: dict, rows: list[Row], chart: Path,
+                    sequence_scores: SequenceScores | None = None) -> None:
+    sequences = [str(s) for s in evaluation.get("sequences") or []]
+    n_seq = len(sequences)
     lines = [
         "# Memory ablation",
         "",
@@ -250,6 +265,7 @@ def render_markdown(out: Path, evaluation: dict, rows: list[Row], chart: Path) -
         "",
         *(stm_table(rows) if any(r.model == "stm" for r in rows) else ["No STM variant in this evaluation."]),
         "",
+        *stm_per_sequence(rows, sequence_scores, sequences),
         "## STRMN memory update rules (STRMN Table 4 layout)",
         "",
         *(strmn_table(rows) if any(r.model == "strmn" for r in rows) else ["No STRMN variant in this evaluation."]),

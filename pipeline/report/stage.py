@@ -2,9 +2,10 @@
 
 `stm report [--evaluation results/evaluation.json] [--variants plots/evaluate_variants.csv]`. Reads
 only what `stm evaluate` wrote and DVC declares as this stage's inputs: the record of the
-evaluation (its variants in params order, their models' training data, the MLflow parent run) and
-the per-variant scores table. It writes two tables in the papers' layout: STM Table 5 (memory
-frames vs J&F, J, F and time per frame) and STRMN Table 4 (update rule vs J, F, mean), both with
+evaluation (its variants in params order, their models' training data, the MLflow parent run), the
+per-variant scores table, and each STM variant's per-sequence scores (results/<variant>/sequences.csv,
+beside the record). It writes two tables in the papers' layout: STM Table 5 (memory
+frames vs J&F, J, F and time per frame, then each policy sequence by sequence against First) and STRMN Table 4 (update rule vs J, F, mean), both with
 memory size and the copy-first baseline, then every variant's full scores. The same inputs give
 the same bytes. Afterwards both files are attached to the evaluation's MLflow parent run (artifact
 folder `report`); that is a copy for browsing, and its failure only warns.
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from pipeline.report.ablation import ReportError, render_chart, render_markdown, rows_from_outputs
+from pipeline.report.per_sequence import PerSequenceError, read_sequence_scores
 
 
 def read_inputs(evaluation_file: Path, variants_file: Path) -> tuple[dict, str]:
@@ -52,7 +54,11 @@ def attach_to_mlflow(evaluation: dict, files: list[Path]) -> str | None:
 def report(evaluation_file: Path, variants_file: Path, out: Path, chart: Path) -> tuple[dict, str | None]:
     evaluation, table = read_inputs(evaluation_file, variants_file)
     rows = rows_from_outputs(evaluation, table, str(variants_file))
-    render_markdown(out, evaluation, rows, chart)
+    try:  # results/<variant>/sequences.csv, beside the evaluation record
+        scores = read_sequence_scores(evaluation_file.parent, [r.variant for r in rows if r.model == "stm"])
+    except PerSequenceError as err:
+        raise ReportError(str(err)) from err
+    render_markdown(out, evaluation, rows, chart, scores)
     render_chart(chart, rows, title=f"{evaluation.get('dataset', '')} ({evaluation.get('split', '')})")
     return evaluation, attach_to_mlflow(evaluation, [out, chart])
 

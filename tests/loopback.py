@@ -159,23 +159,13 @@ def wait_mlflow(url: str, proc: subprocess.Popen, base: Path) -> None:
     wait_http(f"{url}/health", 240, proc, base / "mlflow.log")
 
 
-def ray_ports() -> list[str]:
-    """Per-node agent ports: two nodes on one address must not share them."""
-    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+# Ports every node takes for its agents: two nodes on one address must not share them.
+AGENT_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                    "--metrics-export-port")
 
 
-def start_head(procs: Processes, base: Path, env: dict[str, str], cpus: int) -> tuple[str, str]:
-    """-> (GCS address, dashboard URL)."""
-    port, dash = free_port(), free_port()
-    args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-            "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir", str(base / "rh"), "--include-dashboard", "true",
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-            "--ray-client-server-port", str(free_port()), *ray_ports()]
-    proc = procs.start(args, base / "ray-head.log", env)
-    url = f"http://127.0.0.1:{dash}"
-    wait_http(f"{url}/api/version", 180, proc, base / "ray-head.log")
-    return f"127.0.0.1:{port}", url
+def agent_ports() -> list[str]:
+    return [f"{flag}={port}" for flag, port in zip(AGENT_PORT_FLAGS, free_ports(len(AGENT_PORT_FLAGS)))]
 
 
 def start_hidden_worker(procs: Processes, base: Path, env: dict[str, str], address: str, cpus: int,
@@ -185,7 +175,7 @@ def start_hidden_worker(procs: Processes, base: Path, env: dict[str, str], addre
     mounts = " && ".join(f"mount -t tmpfs -o size=64m none {_q(p)}" for p in hide)
     ray = " ".join(_q(a) for a in [str(BIN / "ray"), "start", "--block", "--address", address, "--node-ip-address",
                                    "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir",
-                                   str(base / "rw"), *ray_ports()])
+                                   str(base / "rw"), *agent_ports()])
     # A raylet that cannot reach the GCS in time on a loaded machine exits ("timed out during
     # startup"): try again a few times before the test's own node wait gives up.
     script = f"set -e; {mounts}; for attempt in 1 2 3; do {ray} && exit 0; echo retrying >&2; sleep 5; done; exit 1"
@@ -203,20 +193,22 @@ def alive_nodes(dashboard: str) -> list[dict]:
 
 
 def wait_nodes(dashboard: str, count: int, timeout: float, log: Path) -> list[dict]:
-    deadline = time.monotonic() + timeout
+    """The alive nodes, once there are `count` of them (the dashboard may not answer at first)."""
     nodes: list[dict] = []
-    while time.monotonic() < deadline:
+
+    def enough() -> bool:
+        nonlocal nodes
         try:
             nodes = alive_nodes(dashboard)
         except (OSError, KeyError, ValueError):
             nodes = []
-        if len(nodes) >= count:
-            return nodes
-        time.sleep(1)
-    raise TimeoutError(f"{len(nodes)} of {count} Ray nodes alive after {timeout:.0f} s:\n{tail(log)}")
+        return len(nodes) >= count
+
+    wait_for(enough, timeout, f"fewer than {count} Ray nodes alive", lambda: tail(log))
+    return nodes
 
 
-# ----------------------------------------------------------------- a one-node cluster for job tests
+# ----------------------------------------------------------------- a Ray head on loopback
 @dataclass
 class RayHead:
     gcs_address: str  # host:port, what RAY_ADDRESS / ray.init take
@@ -224,16 +216,18 @@ class RayHead:
     temp_dir: str
 
 
-def start_job_head(procs: Processes, temp_dir: Path, log: Path, cpus: int, object_store_bytes: int) -> RayHead:
+def start_head(procs: Processes, temp_dir: Path, log: Path, cpus: int, object_store_bytes: int | None = None,
+               env: dict[str, str] | None = None) -> RayHead:
     """`ray start --head` with every port fresh and its own temp dir (pass `procs` a marker naming
-    it); returns once the jobs API answers."""
+    it); returns once the jobs API answers. `env`: the head's environment (default: clean_env())."""
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+    memory = [] if object_store_bytes is None else [f"--object-store-memory={object_store_bytes}"]
     args = [RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
-            "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-            f"--object-store-memory={object_store_bytes}", *(f"{flag}={port}" for flag, port in ports.items())]
-    proc = procs.start(args, log, clean_env())
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+            "--disable-usage-stats", *memory, *(f"{flag}={port}" for flag, port in ports.items())]
+    proc = procs.start(args, log, clean_env() if env is None else {**env, **RAY_ENV})
     head = RayHead(f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}", str(temp_dir))
-    wait_http(f"{head.dashboard_url}/api/version", 90, proc, log)
+    wait_http(f"{head.dashboard_url}/api/version", 180, proc, log)
     wait_http(f"{head.dashboard_url}/api/jobs/", 30, proc, log)
     return head
 

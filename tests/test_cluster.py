@@ -75,7 +75,7 @@ def mlflow_server(workdir):
 def ray_head(workdir, mlflow_server):
     procs = lb.Processes(marker=str(workdir / "ray"))
     try:
-        yield lb.start_job_head(procs, workdir / "ray", workdir / "ray-start.log", CLUSTER_CPUS, 300_000_000)
+        yield lb.start_head(procs, workdir / "ray", workdir / "ray-start.log", CLUSTER_CPUS, 300_000_000)
     finally:
         if ray.is_initialized():
             ray.shutdown()

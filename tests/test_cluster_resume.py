@@ -96,7 +96,7 @@ def head():
     workdir = Path(tempfile.mkdtemp(prefix="stmres-", dir="/tmp"))  # short: Ray's socket paths
     procs = lb.Processes(marker=str(workdir / "ray"))
     try:
-        yield lb.start_job_head(procs, workdir / "ray", workdir / "ray-start.log", 2, 200_000_000), workdir
+        yield lb.start_head(procs, workdir / "ray", workdir / "ray-start.log", 2, 200_000_000), workdir
     finally:
         procs.stop()
         leftovers = procs.leftovers()

@@ -100,7 +100,9 @@ def cluster():
         env.update(AWS_ENDPOINT_URL=s3, MLFLOW_S3_ENDPOINT_URL=s3)
         s3_client(s3).create_bucket(Bucket=BUCKET)
         tracking, mlflow_proc = lb.start_mlflow(procs, base, env, f"s3://{BUCKET}/mlartifacts")
-        gcs, dashboard = lb.start_head(procs, base, env | {"STM_NODE_CACHE": str(base / "cache-head")}, cpus=2)
+        ray_head = lb.start_head(procs, base / "rh", base / "ray-head.log", cpus=2,
+                                 env=env | {"STM_NODE_CACHE": str(base / "cache-head")})
+        gcs, dashboard = ray_head.gcs_address, ray_head.dashboard_url
         proj = project_copy(base / "proj")
         lb.start_hidden_worker(procs, base, env | {"STM_NODE_CACHE": str(base / "rw" / "cache")}, gcs, cpus=2,
                                hide=[base / "rh", *(proj / f for f in OUTPUTS), *(REPO / f for f in OUTPUTS

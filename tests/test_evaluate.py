@@ -19,8 +19,8 @@ from pipeline.evaluate.outputs import (
     METRICS,
     j_per_frame_table,
     metrics_json,
-    summarize_variant,
     sequence_table,
+    summarize_variant,
     variants_table,
 )
 from pipeline.evaluate.variants import MemoryParams, parse_variants

@@ -206,7 +206,8 @@ def stm_per_sequence(rows: list[Row], scores: SequenceScores | None, sequences: 
     table, notes = per_sequence_table([(r.variant, stm_label(r)) for r in stm], scores, first[0], sequences)
     return ["### STM memory policies sequence by sequence (J&F)", "",
             "First is the reference: the difference from it on each video says whether a policy's other "
-            "memory frames (for Previous: the latest frame instead of the first) helped there.", "", *table, "", *[f"Note: {n}\n" for n in notes]]
+            "memory frames (for Previous: the latest frame instead of the first) helped there.", "",
+            *table, "", *[f"Note: {n}\n" for n in notes]]
 
 
 def training_note(rows: list[Row]) -> str:

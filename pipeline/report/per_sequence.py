@@ -2,7 +2,7 @@
 
 On a benchmark of a few sequences, a difference of a few tenths of J&F between two memory policies
 can be one sequence going up and another going down. The table shows each policy's J&F per
-sequence and its difference from `First` (the policy every other adds frames to), and a note names
+sequence and its difference from `First` (the others add frames to it; Previous replaces it), and a note names
 the policies whose difference from `First` changes sign from one sequence to another: the
 benchmark does not rank those against `First`.
 

@@ -4,9 +4,10 @@
 only what `stm evaluate` wrote and DVC declares as this stage's inputs: the record of the
 evaluation (its variants in params order, their models' training data, the MLflow parent run), the
 per-variant scores table, and each STM variant's per-sequence scores (results/<variant>/sequences.csv,
-beside the record). It writes two tables in the papers' layout: STM Table 5 (memory
-frames vs J&F, J, F and time per frame, then each policy sequence by sequence against First) and STRMN Table 4 (update rule vs J, F, mean), both with
-memory size and the copy-first baseline, then every variant's full scores. The same inputs give
+beside the record). It writes two tables in the papers' layout: STM Table 5 (memory frames vs J&F,
+J, F and time per frame; then each policy sequence by sequence against First) and STRMN Table 4
+(update rule vs J, F, mean), both with memory size and the copy-first baseline, then every
+variant's full scores. The same inputs give
 the same bytes. Afterwards both files are attached to the evaluation's MLflow parent run (artifact
 folder `report`); that is a copy for browsing, and its failure only warns.
 """

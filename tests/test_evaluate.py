@@ -542,3 +542,19 @@ def test_work_is_dispatched_heaviest_first(tmp_path):
                          ("stm-first", "long-three")]
     assert {o[0] for o in order[-2:]} == {"copy-first"}
     assert sorted(order) == sorted((v.name, s.name) for s in videos for v in variants)
+
+
+def test_a_reproducible_evaluation_fixes_the_convolution_kernels():
+    """evaluate.reproducible (the default) turns off the timed Winograd choice in each worker process."""
+    from pipeline.evaluate.stage import EvaluateParams
+    from pipeline.evaluate.worker import EvaluationWorker
+    from stm_core.model import fuse
+
+    assert EvaluateParams().reproducible
+    try:
+        EvaluationWorker("cpu", None, None, 1)
+        assert fuse.winograd_mode() == "off"
+        EvaluationWorker("cpu", None, None, 1, reproducible=False)
+        assert fuse.winograd_mode() == "auto"
+    finally:
+        fuse.set_winograd_mode("auto")

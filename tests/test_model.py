@@ -162,3 +162,24 @@ def test_winograd_conv_times_both_kernels_once_per_shape_and_computes_the_conv()
     for y in (out, other):
         assert (y - expected).abs().max() <= 1e-4 * expected.abs().max()
     fuse._WINOGRAD_FASTER.pop(key)
+
+
+def test_winograd_off_runs_the_plain_convolution_and_times_nothing():
+    """A reproducible run: with the mode "off" no kernel is timed or chosen, the output is oneDNN's."""
+    from stm_core.model import fuse
+
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1).requires_grad_(False)
+    fuse.winograd_convs_(conv)
+    x = torch.randn(1, 16, 40, 40)
+    fuse._WINOGRAD_FASTER.clear()
+    try:
+        fuse.set_winograd_mode("off")
+        assert torch.equal(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+        assert not fuse._WINOGRAD_FASTER
+        fuse.set_winograd_mode("auto")
+        conv(x)
+        assert fuse._WINOGRAD_FASTER or not torch.backends.nnpack.is_available()
+    finally:
+        fuse.set_winograd_mode("auto")
+    with pytest.raises(ValueError, match="unknown Winograd mode 'fast'"):
+        fuse.set_winograd_mode("fast")

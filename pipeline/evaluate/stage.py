@@ -58,6 +58,7 @@ class EvaluateParams:
     num_cpus: float = 1.0  # CPUs per task (torch threads = max(1, round(num_cpus)))
     num_gpus: float | None = None  # GPUs per evaluation actor; null: 1 on cuda (timed alone), 0 on cpu
     overlays: int = 3  # overlay images per variant logged to MLflow (from the first sequence)
+    reproducible: bool = True  # CPU: the same convolution kernels every run (no timed Winograd choice)
 
     def __post_init__(self):
         if self.format not in ("auto", "davis", "youtube-vos"):
@@ -235,7 +236,7 @@ def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict
     actor_cls = ray.remote(EvaluationWorker).options(num_cpus=p.num_cpus, num_gpus=gpus, max_restarts=1,
                                                       max_task_retries=1, scheduling_strategy="SPREAD")
     threads = max(1, round(p.num_cpus))
-    actors = [actor_cls.remote(device, p.max_size, memory.top_k, threads) for _ in range(n_actors)]
+    actors = [actor_cls.remote(device, p.max_size, memory.top_k, threads, p.reproducible) for _ in range(n_actors)]
     model_refs = {kind: (sha256(data), [ray.put(data)]) for kind, (_, data) in models.items()}
     payload_refs: dict[str, object] = {}
     idle = list(actors)

@@ -25,6 +25,7 @@ from stm_core.data.io import DataError, decode_image, decode_index_mask_png, ind
 from stm_core.inference import InferenceCore, memory_entries, probabilities_to_mask
 from stm_core.metrics import MetricError, SequenceScores, evaluate_sequence
 from stm_core.model.checkpoint import load_checkpoint
+from stm_core.model.fuse import set_winograd_mode
 from stm_core.model.network import STMNetwork
 from stm_core.postprocess import remove_far_blobs
 
@@ -282,8 +283,12 @@ class EvaluationWorker:
     items one at a time. Models load once per actor, not once per task (Ray starts a fresh process
     for every GPU task), and a sequence is timed with the device to itself."""
 
-    def __init__(self, device: str, max_size: int | None, top_k: int | None, threads: int):
+    def __init__(self, device: str, max_size: int | None, top_k: int | None, threads: int,
+                 reproducible: bool = True):
         torch.set_num_threads(max(1, threads))
+        # Timed kernel choices depend on the machine's load; chained policies turn their rounding
+        # differences into different masks, so a reproducible evaluation fixes the kernels.
+        set_winograd_mode("off" if reproducible else "auto")
         self.device, self.max_size, self.top_k = device, max_size, top_k
         self.cache = NetworkCache()
 

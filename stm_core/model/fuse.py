@@ -55,6 +55,27 @@ def fold_batchnorm_(module: nn.Module) -> int:
 
 # (input shape, weight shape, threads) -> whether NNPACK's Winograd beat oneDNN on this machine
 _WINOGRAD_FASTER: dict[tuple, bool] = {}
+# "auto": time both kernels per shape and keep the faster (fastest; which one wins can depend on the
+# machine's load, so two runs may round differently); "off": oneDNN only, the same kernels every run.
+WINOGRAD_MODES = ("auto", "off")
+_winograd_mode = "auto"
+
+
+def set_winograd_mode(mode: str) -> None:
+    """Choose how WinogradConv2d picks its kernel for this process (see WINOGRAD_MODES).
+
+    Like `cudnn.benchmark`, "auto" times the candidates, so the kernel behind a shape can differ
+    between runs: Winograd rounds differently (~1e-5 relative), and a policy that feeds its own
+    predictions back (`previous`) can turn that into different masks. "off" makes re-runs repeat.
+    """
+    global _winograd_mode
+    if mode not in WINOGRAD_MODES:
+        raise ValueError(f"unknown Winograd mode {mode!r}; choose one of {WINOGRAD_MODES}")
+    _winograd_mode = mode
+
+
+def winograd_mode() -> str:
+    return _winograd_mode
 
 
 def _best_seconds(fn, x: torch.Tensor, repeats: int = 2) -> float:
@@ -77,11 +98,12 @@ class WinogradConv2d(nn.Conv2d):
     threads (oneDNN parallelises small maps better). So, like `cudnn.benchmark`, the first call per
     (input shape, weight shape, thread count) times both and remembers the faster one for the
     process. NNPACK's batched path uses a slower algorithm, so batches run one image at a time.
-    Anywhere else (GPU, autograd, other dtypes) it is a plain Conv2d.
+    Anywhere else (GPU, autograd, other dtypes, `set_winograd_mode("off")`) it is a plain Conv2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # N x Cin x H x W -> N x Cout x H x W
-        if x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad)
+                or _winograd_mode == "off"):
             return super().forward(x)
         key = (tuple(x.shape), tuple(self.weight.shape), torch.get_num_threads())
         faster = _WINOGRAD_FASTER.get(key)

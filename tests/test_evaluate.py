@@ -280,7 +280,8 @@ def test_report_tables_follow_the_papers_layout():
 
 
 def test_per_sequence_table_names_policies_whose_difference_changes_sign(tmp_path):
-    from pipeline.report.per_sequence import per_sequence_table, read_sequence_scores
+    from pipeline.report.ablation import per_sequence_table
+    from pipeline.report.per_sequence import read_sequence_scores
 
     rows = {"stm-first": [("a", 0.50), ("b", 0.70), ("c", 0.10)],
             "stm-every-5": [("a", 0.56), ("b", 0.61), ("c", 0.10)],  # up on a, down on b: no ranking

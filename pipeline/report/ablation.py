@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.report.distinct import distinct_notes
-from pipeline.report.per_sequence import SequenceScores, per_sequence_table
+from pipeline.report.per_sequence import SequenceScores, sign_change_note, versus_first
 from stm_core.data.io import atomic_write_bytes
 
 # the columns of plots/evaluate_variants.csv (pipeline.evaluate.outputs.METRICS) the report shows
@@ -130,7 +130,7 @@ def strmn_label(r: Row) -> str:
 
 
 def pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
+    return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
 def num(x: float | None, digits: int) -> str:
@@ -195,6 +195,31 @@ def i2m_table(rows: list[Row]) -> list[str]:
                                     ("Memory to memory (M2M, rule C)", m2m[0], PAPER_STRMN["C"]))]
     return ["## STRMN input vs memory update (STRMN Table 3 layout)", "",
             *_table(["Methods", "J", "F", "Avg", "Paper: J / F / Avg (DAVIS-17, STRMN Table 3)"], body), ""]
+
+
+def signed(x: float) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:+.1f}"
+
+
+def per_sequence_table(labelled: list[tuple[str, str]], scores: SequenceScores, first: str,
+                       sequences: list[str]) -> tuple[list[str], list[str]]:
+    """-> (markdown table lines, notes). `labelled`: (variant, label) of the STM rows in table order;
+    `first`: the variant of the First policy, the reference of the difference columns."""
+    reference = scores.get(first, {})
+    body, notes = [], []
+    for variant, label in labelled:
+        own = scores.get(variant, {})
+        cells = [label, *(pct(own.get(s, math.nan)) for s in sequences)]
+        if variant == first or not reference:
+            body.append([*cells, "", ""])
+            continue
+        v = versus_first(own, reference, sequences)
+        body.append([*cells, " / ".join(signed(d) for d in v.diffs), f"{v.better} / {v.worse}"])
+        if v.changes_sign:
+            notes.append(sign_change_note(label, v))
+    header = ["Memory frame(s)", *(f"`{s}`" for s in sequences), "Difference from First, per sequence",
+              "Sequences better / worse than First"]
+    return _table(header, body), notes
 
 
 def stm_per_sequence(rows: list[Row], scores: SequenceScores | None, sequences: list[str]) -> list[str]:

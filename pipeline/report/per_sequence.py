@@ -6,7 +6,8 @@ sequence and its difference from `First` (the others add frames to it; Previous 
 the policies whose difference from `First` changes sign from one sequence to another: the
 benchmark does not rank those against `First`.
 
-Reads results/<variant>/sequences.csv, which `stm evaluate` writes for every variant.
+Reads results/<variant>/sequences.csv, which `stm evaluate` writes for every variant; the table
+itself is rendered with the report's others (pipeline/report/ablation.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import csv
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 SequenceScores = dict[str, dict[str, float]]  # variant -> sequence -> J&F (0..1)
@@ -44,36 +46,25 @@ def read_sequence_scores(results_dir: Path, variants: Sequence[str]) -> Sequence
     return scores
 
 
-def _signed(x: float) -> str:
-    return "–" if math.isnan(x) else f"{100 * x:+.1f}"
+@dataclass
+class VersusFirst:
+    """One policy against First, sequence by sequence."""
+
+    diffs: list[float]  # per sequence: this policy's J&F minus First's (nan where either is missing)
+    better: int  # sequences where it is above First (by more than 0.05 J&F x100)
+    worse: int  # sequences where it is below
+
+    @property
+    def changes_sign(self) -> bool:
+        return self.better > 0 and self.worse > 0
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+def versus_first(own: dict[str, float], first: dict[str, float], sequences: Sequence[str]) -> VersusFirst:
+    diffs = [own.get(s, math.nan) - first.get(s, math.nan) for s in sequences]
+    decided = [d for d in diffs if not math.isnan(d)]
+    return VersusFirst(diffs, sum(d > 5e-4 for d in decided), sum(d < -5e-4 for d in decided))
 
 
-def per_sequence_table(labelled: Sequence[tuple[str, str]], scores: SequenceScores, first: str,
-                       sequences: Sequence[str]) -> tuple[list[str], list[str]]:
-    """-> (markdown table lines, notes). `labelled`: (variant, label) of the STM rows in table order;
-    `first`: the variant of the First policy, the reference of the difference columns."""
-    header = ["Memory frame(s)", *(f"`{s}`" for s in sequences), "Difference from First, per sequence",
-              "Sequences better / worse than First"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    reference = scores.get(first, {})
-    notes = []
-    for variant, label in labelled:
-        own = scores.get(variant, {})
-        values = [own.get(s, math.nan) for s in sequences]
-        if variant == first or not reference:
-            diff_cell, count_cell = "", ""
-        else:
-            diffs = [v - reference.get(s, math.nan) for v, s in zip(values, sequences)]
-            better = sum(d > 5e-4 for d in diffs if not math.isnan(d))
-            worse = sum(d < -5e-4 for d in diffs if not math.isnan(d))
-            diff_cell, count_cell = " / ".join(_signed(d) for d in diffs), f"{better} / {worse}"
-            if better and worse:
-                notes.append(f"{label} vs First: better on {better} sequence(s) and worse on {worse}; the "
-                             "difference changes sign from one sequence to another, so this benchmark does not "
-                             "rank the two.")
-        lines.append("| " + " | ".join([label, *(_pct(v) for v in values), diff_cell, count_cell]) + " |")
-    return lines, notes
+def sign_change_note(label: str, v: VersusFirst) -> str:
+    return (f"{label} vs First: better on {v.better} sequence(s) and worse on {v.worse}; the difference changes "
+            "sign from one sequence to another, so this benchmark does not rank the two.")

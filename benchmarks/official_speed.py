@@ -53,9 +53,13 @@ def time_ours(network, frames: torch.Tensor, mask: torch.Tensor, skip: int, cloc
     seconds: list[float] = []
     for t in range(frames.shape[1]):
         start = clock()
+        # Step t waits for frame t-1's memory encoding (run beside its query encoding) and starts
+        # frame t's: each timed step holds one memory encoding and one segmentation, as the
+        # official loop's iteration does (it memorises t-1, then segments t).
         core.step(frames[:, t], mask if t == 0 else None)
         if t > skip:
             seconds.append(clock() - start)
+    core.close()
     return 1000 * sum(seconds) / len(seconds)
 
 

@@ -3,18 +3,27 @@
 Objects may appear mid-video (YouTube-VOS style): the objects an annotated frame introduces form a
 new *group* with a memory of its own, starting at that frame. Every frame is encoded by the query
 encoder once, shared by all groups. Frames arrive one at a time; the video is never on the device.
+
+On a CPU with two or more threads, a frame's memory encoding runs beside the next frame's query
+encoding (`overlap`): the two encoders share no input (the query side needs only the new frame, the
+memory side only the previous frame and its mask), each gets half the threads, and the memory read
+waits for both. Same operations on the same inputs, so the same result; only the order of work
+changes. `step` returns as soon as the frame's mask is known; the memory is brought up to date
+before anything reads it (`synchronize`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 from stm_core.memory import Encoded, Memory, make_memory
 from stm_core.model.aggregate import soft_aggregate
+from stm_core.model.fuse import claim_nnpack_threads
 from stm_core.model.network import STRIDE, STMNetwork
 
 
@@ -49,6 +58,7 @@ class InferenceCore:
         max_internal_size: int | None = None,  # longest side the network sees; None: native
         amp: bool = True,  # bf16 autocast on CUDA (ignored on CPU)
         fast: bool = True,  # run network.fused_for_inference(): BatchNorm folded, Winograd (CPU)
+        overlap: bool | None = None,  # CPU: memory encoding beside the next query encoding (None: on for CPU)
     ):
         self.policy = memory
         make_memory(memory, network)  # fail now, not at the first frame, on a bad policy
@@ -58,13 +68,42 @@ class InferenceCore:
         self.network = (network.fused_for_inference(self.channels_last) if fast else network.eval()).to(self.device)
         self.max_internal_size = max_internal_size
         self.amp = amp and self.device.type == "cuda"
-        self.groups: list[_Group] = []
+        self._groups: list[_Group] = []
         self.frame_index = -1
+        self.overlap = self.device.type == "cpu" if overlap is None else overlap
+        self._lane: ThreadPoolExecutor | None = None  # one thread: memory encodings, in frame order
+        self._pending: list[Future] = []  # work queued on the lane (the last frame's memory encoding)
+        if self.overlap and self.device.type == "cpu" and fast:
+            threads = torch.get_num_threads()
+            claim_nnpack_threads(threads - threads // 2)  # a lane's share: no oversubscribed cores
+
+    @property
+    def groups(self) -> list[_Group]:
+        """Object groups with their memories, up to date with every frame stepped so far."""
+        self.synchronize()
+        return self._groups
+
+    def synchronize(self) -> None:
+        """Wait for a memory encoding still running beside the caller (re-raises its error)."""
+        pending, self._pending = self._pending, []
+        for future in pending:  # in queue order: the first error is raised
+            future.result()
+
+    def close(self) -> None:
+        self.synchronize()
+        if self._lane is not None:
+            self._lane.shutdown()
+            self._lane = None
+
+    def __del__(self):
+        lane = getattr(self, "_lane", None)
+        if lane is not None:
+            lane.shutdown(wait=False)
 
     @property
     def object_ids(self) -> list[int]:
         """Object ids in probability-channel order (channel k+1 is object_ids[k])."""
-        return [i for g in self.groups for i in g.object_ids]
+        return [i for g in self._groups for i in g.object_ids]
 
     def _autocast(self):
         if self.amp:
@@ -106,7 +145,8 @@ class InferenceCore:
             known = set(self.object_ids)
             new_ids = sorted(annotated - known)
             if new_ids:
-                self.groups.append(_Group(new_ids, make_memory(self.policy, self.network)))
+                self.synchronize()
+                self._groups.append(_Group(new_ids, make_memory(self.policy, self.network)))
             if annotated:
                 probs = self._apply_annotation(probs, mask, size, annotated)
 
@@ -122,17 +162,16 @@ class InferenceCore:
 
     def _predict(self, image: torch.Tensor, pad) -> torch.Tensor | None:
         """-> (1+O) x h x w: each object decoded on its own, then soft-aggregated once."""
-        ready = [g for g in self.groups if g.memory.size > 0]
-        if not ready:
+        if not self._groups:  # groups are born with their annotation, so each has a memory
             return None
-        query = self.network.encode_query(image)
+        # Everything that needs only this frame, beside the previous frame's memory encoding.
+        with self._beside_memorize() as beside:
+            query, skip_features = self.network.encode_query_with_skip_features(image, beside)
         fg = []
-        for group in self.groups:
-            if group.memory.size == 0:  # a group is born with its annotation; never empty here
-                raise RuntimeError("object group without memory")
+        for group in self.groups:  # synchronized: the previous frame is memorised
             keys, values = group.memory.keys_values()
-            logits = self.network.decode(
-                self.network.read(query, keys[None], values[None]), query.skips, image.shape[-2:])
+            logits = self.network.decode(self.network.read(query, keys[None], values[None]), query.skips,
+                                         image.shape[-2:], skip_features)
             fg.append(torch.sigmoid(unpad(logits, pad)[0].float()))
         probs = torch.cat(fg, 0)  # O x h x w, each object on its own
         # Soft aggregation makes the objects compete for each pixel before they are memorised.
@@ -161,15 +200,57 @@ class InferenceCore:
             out[k] = (mask == obj).float() if obj in annotated else out[k] * (~claimed)
         return out
 
+    @contextlib.contextmanager
+    def _beside_memorize(self):
+        """Run the body with half the threads while a memory encoding runs with the other half, then
+        wait for it; with nothing running, the body gets all threads."""
+        threads = torch.get_num_threads()
+        if not self._pending or threads < 2:
+            yield None
+            self.synchronize()
+            return
+        torch.set_num_threads(threads - threads // 2)
+        try:
+            yield self._beside
+        finally:
+            torch.set_num_threads(threads)
+            self.synchronize()
+
+    def _beside(self, fn, *args) -> Future:
+        """Queue fn(*args) on the memory lane, after the memory encoding running there."""
+        self._pending.append(self._lane.submit(self._in_lane, fn, *args))
+        return self._pending[-1]
+
     def _memorize(self, image: torch.Tensor, probs: torch.Tensor, pad, annotated: set[int]) -> None:
+        self.synchronize()  # memories are updated in frame order
         t = self.frame_index
         # Pad the probabilities like the image so memory features line up with query features.
-        padded = F.pad(probs, pad) if any(pad) else probs  # O x Hp x Wp
+        padded = F.pad(probs, pad) if any(pad) else probs.clone()  # O x Hp x Wp; the caller gets probs
         padded = F.interpolate(padded[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0] \
             if padded.shape[-2:] != image.shape[-2:] else padded
+        if not any(g.memory.size == 0 or g.memory.wants(t) or any(i in annotated for i in g.object_ids)
+                   for g in self._groups):
+            return  # no memory encoding this frame (e.g. `first`): the next query gets all threads
+        threads = torch.get_num_threads()
+        if not self.overlap or threads < 2:
+            self._encode_memory(image, padded, annotated, t)
+            return
+        if self._lane is None:
+            self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stm-memorize")
+        self._lane_threads = threads // 2
+        self._pending.append(self._lane.submit(self._in_lane, self._encode_memory, image, padded, annotated, t))
+
+    def _in_lane(self, fn, *args):
+        torch.get_num_threads()  # this thread's first call reads the process-wide count: take it first,
+        torch.set_num_threads(self._lane_threads)  # then set its own (OpenMP's count is per thread)
+        with torch.inference_mode():  # thread-local, like the thread count
+            return fn(*args)
+
+    def _encode_memory(self, image: torch.Tensor, padded: torch.Tensor, annotated: set[int], t: int) -> None:
+        """Memory-encode frame t (padded: O x Hp x Wp probabilities) for the groups that want it."""
         total = padded.sum(0, keepdim=True)
         start = 0
-        for group in self.groups:
+        for group in self._groups:
             n = len(group.object_ids)
             group_annotated = any(i in annotated for i in group.object_ids)
             if group.memory.size == 0 or group_annotated or group.memory.wants(t):

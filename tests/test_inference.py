@@ -78,6 +78,7 @@ def test_memory_encodings_are_not_recomputed(network: STMNetwork, monkeypatch):
         core = InferenceCore(network, policy)
         for t in range(10):
             core.step(torch.rand(3, *SIZE), mask if t == 0 else None)
+        core.synchronize()  # the last frame's memory encoding may still run beside the caller
         assert len(calls) == expected_calls, policy
 
 
@@ -178,3 +179,32 @@ def test_padding_is_zeros_split_around_the_image():
     assert padded.shape[-2:] == (160, 272) and pad == (1, 1, 5, 5)
     assert padded[..., :5, :].abs().sum() == 0 and padded[..., -5:, :].abs().sum() == 0
     assert padded[..., :, :1].abs().sum() == 0 and padded[..., :, -1:].abs().sum() == 0
+
+
+def test_memory_encoding_beside_the_next_query_computes_the_same(network: STMNetwork, monkeypatch):
+    """overlap (the CPU default) runs frame t's memory encoding on a second thread beside frame
+    t+1's query encoding: same probabilities as one thread after another, the memory up to date
+    when read, and an error on the second thread raised by the next step."""
+    if torch.get_num_threads() < 2:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the lane splits 2 threads 1 + 1
+    torch.manual_seed(1)
+    frames = [torch.rand(3, *SIZE) for _ in range(8)]
+    mask = torch.zeros(SIZE, dtype=torch.long)
+    mask[20:60, 30:90], mask[60:90, 100:160] = 1, 2
+    outs = {}
+    for overlap in (False, True):
+        core = InferenceCore(network, "every:3", overlap=overlap)
+        outs[overlap] = [core.step(f, mask if t == 0 else None) for t, f in enumerate(frames)]
+        assert (core._lane is not None) == overlap  # the second thread ran, or none was made
+        assert core.groups[0].memory.size == 4  # frames 0, 3, 6 and the previous frame 7: synchronised
+        core.close()
+    for a, b in zip(outs[False], outs[True]):
+        assert (a - b).abs().max() <= 1e-5
+
+    core = InferenceCore(network, "every:3", overlap=True)
+    core.step(frames[0], mask)
+    core.synchronize()  # frame 0 memorised with the real encoder
+    monkeypatch.setattr(core.network, "encode_memory", lambda *a, **k: (_ for _ in ()).throw(OSError("lane")))
+    core.step(frames[1])  # its memory encoding fails on the lane, after this step returned
+    with pytest.raises(OSError, match="lane"):
+        core.step(frames[2])

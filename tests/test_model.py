@@ -183,3 +183,17 @@ def test_winograd_off_runs_the_plain_convolution_and_times_nothing():
         fuse.set_winograd_mode("auto")
     with pytest.raises(ValueError, match="unknown Winograd mode 'fast'"):
         fuse.set_winograd_mode("fast")
+
+
+@pytest.mark.parametrize("size", [(120, 216), (37, 50), (1, 2)])
+def test_stem_max_pool_after_relu_equals_max_pool2d(size):
+    """The separable max-pool is exact for inputs >= 0 (even, odd and tiny maps), and the fused
+    network uses it in both stems (after their ReLU)."""
+    from stm_core.model import fuse
+
+    x = torch.relu(torch.randn(2, 4, *size))
+    assert torch.equal(fuse.MaxPoolAfterReLU()(x), torch.nn.functional.max_pool2d(x, 3, 2, 1))
+    fused = STMNetwork(ModelConfig()).fused_for_inference()
+    assert isinstance(fused.query_encoder.stem[-1], fuse.MaxPoolAfterReLU)
+    assert isinstance(fused.memory_encoder.stem_rest[-1], fuse.MaxPoolAfterReLU)
+    assert fuse.stem_maxpools_(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.MaxPool2d(3, 2, 1))) == 0

@@ -50,16 +50,25 @@ class Decoder(nn.Module):
         self.refine2 = RefinementModule(res2_dim, dim)
         self.predict = nn.Conv2d(dim, 2, 3, padding=1)
 
+    def skip_features(
+        self, res3: torch.Tensor, res2: torch.Tensor  # B x C3 x 2h x 2w, B x C2 x 4h x 4w
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # B x D x 2h x 2w, B x D x 4h x 4w
+        """The refinement modules' skip paths: they depend on the frame only, so they can run before
+        (and beside) the memory read, once for all objects."""
+        return self.refine3.skip(res3), self.refine2.skip(res2)
+
     def forward(
         self,
         readout: torch.Tensor,  # (B*O) x (2 Cv) x h x w, objects of a frame adjacent
         res3: torch.Tensor,  # B x C3 x 2h x 2w, the frame's (not repeated per object)
         res2: torch.Tensor,  # B x C2 x 4h x 4w
         out_size: tuple[int, int],
+        skip_features: tuple[torch.Tensor, torch.Tensor] | None = None,  # from `skip_features(res3, res2)`
     ) -> torch.Tensor:  # (B*O) x 1 x H x W foreground-minus-background logit
+        s3, s2 = self.skip_features(res3, res2) if skip_features is None else skip_features
         x = self.compress_res(self.compress(readout))
-        x = self.refine3.merge(self.refine3.skip(res3), x)
-        x = self.refine2.merge(self.refine2.skip(res2), x)
+        x = self.refine3.merge(s3, x)
+        x = self.refine2.merge(s2, x)
         logits = self.predict(F.relu(x))  # 1/4 scale, (background, foreground)
         # softmax over (bg, fg) == sigmoid(fg - bg); bilinear upsampling is linear, so the
         # difference is taken first and one channel is upsampled instead of two.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Literal, NamedTuple
 
 import torch
@@ -25,7 +27,7 @@ from stm_core.model.encoders import (
     QueryFeatures,
     others_probability,
 )
-from stm_core.model.fuse import fold_batchnorm_, fold_into, winograd_convs_
+from stm_core.model.fuse import fold_batchnorm_, fold_into, stem_maxpools_, winograd_convs_
 from stm_core.model.read import memory_read, to_tokens
 
 STRIDE = 16  # res4 is at 1/16 of the input
@@ -90,8 +92,9 @@ class STMNetwork(nn.Module):
                                      similarity=config.similarity)
 
     def fused_for_inference(self, channels_last: bool = False) -> STMNetwork:
-        """An inference-only copy: frozen BatchNorm folded into the convolutions; 3x3 stride-1 convs
-        by Winograd (NNPACK) on CPU, or every weight channels-last (`channels_last`, for GPUs).
+        """An inference-only copy: frozen BatchNorm folded into the convolutions; on CPU, 3x3 stride-1
+        convs by Winograd (NNPACK) and the stems' max-pools as separable maxima, or every weight
+        channels-last (`channels_last`, for GPUs).
 
         Computes what this network computes up to float rounding (fp32: ~1e-5 relative). It has no
         BatchNorm parameters (a different state dict): run it, never train or save it; `self` is unchanged.
@@ -106,6 +109,7 @@ class STMNetwork(nn.Module):
         if channels_last:
             return fused.to(memory_format=torch.channels_last)
         winograd_convs_(fused)
+        stem_maxpools_(fused)  # PyTorch's NCHW CPU max-pool is the slow one
         return fused
 
     def encode_query(self, frames: torch.Tensor) -> QueryFeatures:
@@ -113,6 +117,23 @@ class STMNetwork(nn.Module):
         r4, r3, r2 = self.query_encoder(frames)
         key, value = self.query_kv(r4)
         return QueryFeatures(key, value, (r3, r2))
+
+    def encode_query_with_skip_features(
+        self, frames: torch.Tensor, beside: Callable[..., Future] | None = None
+    ) -> tuple[QueryFeatures, tuple[torch.Tensor, torch.Tensor]]:
+        """encode_query(frames) and decoder.skip_features(*skips): all the frame's own work.
+
+        `beside(fn, *args) -> Future`, if given, runs the res2 skip path elsewhere (another thread)
+        while this one goes on with res3 and res4.
+        """
+        enc = self.query_encoder
+        r2 = enc.res2(enc.stem(enc.normalize(frames)))
+        s2 = beside(self.decoder.refine2.skip, r2) if beside is not None else self.decoder.refine2.skip(r2)
+        r3 = enc.res3(r2)
+        r4 = enc.res4(r3)
+        key, value = self.query_kv(r4)
+        s3 = self.decoder.refine3.skip(r3)
+        return QueryFeatures(key, value, (r3, r2)), (s3, s2.result() if beside is not None else s2)
 
     def encode_memory(
         self,
@@ -147,10 +168,14 @@ class STMNetwork(nn.Module):
         return torch.cat([value, read], dim=2)
 
     def decode(
-        self, readout: torch.Tensor, skips: tuple[torch.Tensor, torch.Tensor], out_size: tuple[int, int]
+        self,
+        readout: torch.Tensor,
+        skips: tuple[torch.Tensor, torch.Tensor],  # the query's (res3, res2)
+        out_size: tuple[int, int],
+        skip_features: tuple[torch.Tensor, torch.Tensor] | None = None,  # decoder.skip_features(*skips), if run
     ) -> torch.Tensor:  # B x O x H x W foreground logits, each object on its own
         b, o = readout.shape[:2]
-        logits = self.decoder(readout.flatten(0, 1), *skips, out_size)  # (B*O) x 1 x H x W
+        logits = self.decoder(readout.flatten(0, 1), *skips, out_size, skip_features)  # (B*O) x 1 x H x W
         return logits[:, 0].unflatten(0, (b, o))
 
     def segment(

@@ -4,23 +4,28 @@ Objects may appear mid-video (YouTube-VOS style): the objects an annotated frame
 new *group* with a memory of its own, starting at that frame. Every frame is encoded by the query
 encoder once, shared by all groups. Frames arrive one at a time; the video is never on the device.
 
-On a CPU with two or more threads, a frame's memory encoding runs beside the next frame's query
-encoding (`overlap`): the two encoders share no input (the query side needs only the new frame, the
-memory side only the previous frame and its mask), each gets half the threads, and the memory read
-waits for both. Same operations on the same inputs, so the same result; only the order of work
-changes. `step` returns as soon as the frame's mask is known; the memory is brought up to date
-before anything reads it (`synchronize`).
+On a CPU with two or more threads, a second thread (`stm_core.lane.SideLane`, `overlap`) takes
+work that shares no input with the caller's, each with half the threads:
+- one object's memory encoding of frame t runs beside frame t+1's query encoding (the query side
+  needs only the new frame, the memory side only the previous frame and its mask); the memory read
+  waits for both. With more objects the memory side (one encoder pass per object) outweighs the
+  query side, and it runs with all threads instead;
+- one object's decoder merge blocks (3x3 convs at 1/8 and 1/4 scale, NNPACK's Winograd, which
+  does not scale past one thread here) run in two row bands, one per thread.
+Same operations on the same inputs, so the same result up to rounding. `step` returns as soon as
+the frame's mask is known; the memory is brought up to date before anything reads it
+(`synchronize`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
+from stm_core.lane import SideLane
 from stm_core.memory import Encoded, Memory, make_memory
 from stm_core.model.aggregate import soft_aggregate
 from stm_core.model.fuse import claim_nnpack_threads
@@ -58,7 +63,7 @@ class InferenceCore:
         max_internal_size: int | None = None,  # longest side the network sees; None: native
         amp: bool = True,  # bf16 autocast on CUDA (ignored on CPU)
         fast: bool = True,  # run network.fused_for_inference(): BatchNorm folded, Winograd (CPU)
-        overlap: bool | None = None,  # CPU: memory encoding beside the next query encoding (None: on for CPU)
+        overlap: bool | None = None,  # CPU: a second thread for independent work (None: on for CPU)
     ):
         self.policy = memory
         make_memory(memory, network)  # fail now, not at the first frame, on a bad policy
@@ -71,8 +76,7 @@ class InferenceCore:
         self._groups: list[_Group] = []
         self.frame_index = -1
         self.overlap = self.device.type == "cpu" if overlap is None else overlap
-        self._lane: ThreadPoolExecutor | None = None  # one thread: memory encodings, in frame order
-        self._pending: list[Future] = []  # work queued on the lane (the last frame's memory encoding)
+        self._lane: SideLane | None = None  # made at the first frame that uses it (with 2+ threads)
         if self.overlap and self.device.type == "cpu" and fast:
             threads = torch.get_num_threads()
             claim_nnpack_threads(threads - threads // 2)  # a lane's share: no oversubscribed cores
@@ -85,20 +89,22 @@ class InferenceCore:
 
     def synchronize(self) -> None:
         """Wait for a memory encoding still running beside the caller (re-raises its error)."""
-        pending, self._pending = self._pending, []
-        for future in pending:  # in queue order: the first error is raised
-            future.result()
+        if self._lane is not None:
+            self._lane.synchronize()
 
     def close(self) -> None:
-        self.synchronize()
         if self._lane is not None:
-            self._lane.shutdown()
+            self._lane.close()
             self._lane = None
 
-    def __del__(self):
-        lane = getattr(self, "_lane", None)
-        if lane is not None:
-            lane.shutdown(wait=False)
+    def _lane_for(self, threads: int) -> SideLane | None:
+        """The side lane, made (or remade for a new thread count) if overlap is on and threads >= 2."""
+        if not self.overlap or threads < 2:
+            return None
+        if self._lane is None or self._lane.threads != threads:
+            self.close()
+            self._lane = SideLane(threads)
+        return self._lane
 
     @property
     def object_ids(self) -> list[int]:
@@ -165,13 +171,21 @@ class InferenceCore:
         if not self._groups:  # groups are born with their annotation, so each has a memory
             return None
         # Everything that needs only this frame, beside the previous frame's memory encoding.
-        with self._beside_memorize() as beside:
-            query, skip_features = self.network.encode_query_with_skip_features(image, beside)
+        lane = self._lane
+        if lane is not None and lane.busy:
+            with lane.sharing():
+                query, skip_features = self.network.encode_query_with_skip_features(image, lane.submit)
+        else:
+            query, skip_features = self.network.encode_query_with_skip_features(image)
         fg = []
         for group in self.groups:  # synchronized: the previous frame is memorised
+            # One object: its merge convs in two row bands. Several: one band of O images already
+            # keeps NNPACK busy, and the split measured no faster (3 objects: 0.96x).
+            lane = self._lane_for(torch.get_num_threads()) if len(group.object_ids) == 1 else None
+            split = lane.rows_in_two if lane is not None else None
             keys, values = group.memory.keys_values()
             logits = self.network.decode(self.network.read(query, keys[None], values[None]), query.skips,
-                                         image.shape[-2:], skip_features)
+                                         image.shape[-2:], skip_features, split)
             fg.append(torch.sigmoid(unpad(logits, pad)[0].float()))
         probs = torch.cat(fg, 0)  # O x h x w, each object on its own
         # Soft aggregation makes the objects compete for each pixel before they are memorised.
@@ -200,27 +214,6 @@ class InferenceCore:
             out[k] = (mask == obj).float() if obj in annotated else out[k] * (~claimed)
         return out
 
-    @contextlib.contextmanager
-    def _beside_memorize(self):
-        """Run the body with half the threads while a memory encoding runs with the other half, then
-        wait for it; with nothing running, the body gets all threads."""
-        threads = torch.get_num_threads()
-        if not self._pending or threads < 2:
-            yield None
-            self.synchronize()
-            return
-        torch.set_num_threads(threads - threads // 2)
-        try:
-            yield self._beside
-        finally:
-            torch.set_num_threads(threads)
-            self.synchronize()
-
-    def _beside(self, fn, *args) -> Future:
-        """Queue fn(*args) on the memory lane, after the memory encoding running there."""
-        self._pending.append(self._lane.submit(self._in_lane, fn, *args))
-        return self._pending[-1]
-
     def _memorize(self, image: torch.Tensor, probs: torch.Tensor, pad, annotated: set[int]) -> None:
         self.synchronize()  # memories are updated in frame order
         t = self.frame_index
@@ -228,23 +221,17 @@ class InferenceCore:
         padded = F.pad(probs, pad) if any(pad) else probs.clone()  # O x Hp x Wp; the caller gets probs
         padded = F.interpolate(padded[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0] \
             if padded.shape[-2:] != image.shape[-2:] else padded
-        if not any(g.memory.size == 0 or g.memory.wants(t) or any(i in annotated for i in g.object_ids)
-                   for g in self._groups):
+        objects = sum(len(g.object_ids) for g in self._groups
+                      if g.memory.size == 0 or g.memory.wants(t) or any(i in annotated for i in g.object_ids))
+        if objects == 0:
             return  # no memory encoding this frame (e.g. `first`): the next query gets all threads
-        threads = torch.get_num_threads()
-        if not self.overlap or threads < 2:
+        # One memory-encoder pass per object: beside the query encoder (one pass), one object
+        # balances the two threads; more would leave the query side waiting with half the cores.
+        lane = self._lane_for(torch.get_num_threads()) if objects == 1 else None
+        if lane is None:
             self._encode_memory(image, padded, annotated, t)
-            return
-        if self._lane is None:
-            self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stm-memorize")
-        self._lane_threads = threads // 2
-        self._pending.append(self._lane.submit(self._in_lane, self._encode_memory, image, padded, annotated, t))
-
-    def _in_lane(self, fn, *args):
-        torch.get_num_threads()  # this thread's first call reads the process-wide count: take it first,
-        torch.set_num_threads(self._lane_threads)  # then set its own (OpenMP's count is per thread)
-        with torch.inference_mode():  # thread-local, like the thread count
-            return fn(*args)
+        else:
+            lane.submit(self._encode_memory, image, padded, annotated, t)
 
     def _encode_memory(self, image: torch.Tensor, padded: torch.Tensor, annotated: set[int], t: int) -> None:
         """Memory-encode frame t (padded: O x Hp x Wp probabilities) for the groups that want it."""

@@ -182,27 +182,40 @@ def test_padding_is_zeros_split_around_the_image():
 
 
 def test_memory_encoding_beside_the_next_query_computes_the_same(network: STMNetwork, monkeypatch):
-    """overlap (the CPU default) runs frame t's memory encoding on a second thread beside frame
-    t+1's query encoding: same probabilities as one thread after another, the memory up to date
-    when read, and an error on the second thread raised by the next step."""
+    """overlap (the CPU default) runs one object's memory encoding of frame t on a second thread
+    beside frame t+1's query encoding, and the decoder's merges in two row bands: the same
+    probabilities as one thread, the memory up to date when read, an error on the second thread
+    raised by the next step; two objects run on the caller's thread alone."""
+    import threading
+
     if torch.get_num_threads() < 2:
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the lane splits 2 threads 1 + 1
     torch.manual_seed(1)
     frames = [torch.rand(3, *SIZE) for _ in range(8)]
-    mask = torch.zeros(SIZE, dtype=torch.long)
-    mask[20:60, 30:90], mask[60:90, 100:160] = 1, 2
-    outs = {}
-    for overlap in (False, True):
-        core = InferenceCore(network, "every:3", overlap=overlap)
-        outs[overlap] = [core.step(f, mask if t == 0 else None) for t, f in enumerate(frames)]
-        assert (core._lane is not None) == overlap  # the second thread ran, or none was made
-        assert core.groups[0].memory.size == 4  # frames 0, 3, 6 and the previous frame 7: synchronised
-        core.close()
-    for a, b in zip(outs[False], outs[True]):
-        assert (a - b).abs().max() <= 1e-5
+    one = torch.zeros(SIZE, dtype=torch.long)
+    one[20:60, 30:90] = 1
+    two = one.clone()
+    two[60:90, 100:160] = 2
+    for mask, on_lane in ((one, True), (two, False)):
+        outs = {}
+        for overlap in (False, True):
+            core = InferenceCore(network, "every:3", overlap=overlap)
+            threads = []
+            encode = core.network.encode_memory
+            monkeypatch.setattr(core.network, "encode_memory",
+                                lambda *a, **k: threads.append(threading.current_thread().name) or encode(*a, **k))
+            outs[overlap] = [core.step(f, mask if t == 0 else None) for t, f in enumerate(frames)]
+            assert core.groups[0].memory.size == 4  # frames 0, 3, 6 and the previous frame 7: synchronised
+            assert len(threads) == 8
+            lane_calls = sum(name.startswith("stm-side-lane") for name in threads)
+            assert lane_calls == (8 if overlap and on_lane else 0), threads
+            assert (core._lane is not None) == (overlap and on_lane)  # several objects: all threads, in turn
+            core.close()
+        for a, b in zip(outs[False], outs[True]):
+            assert (a - b).abs().max() <= 1e-5
 
     core = InferenceCore(network, "every:3", overlap=True)
-    core.step(frames[0], mask)
+    core.step(frames[0], one)
     core.synchronize()  # frame 0 memorised with the real encoder
     monkeypatch.setattr(core.network, "encode_memory", lambda *a, **k: (_ for _ in ()).throw(OSError("lane")))
     core.step(frames[1])  # its memory encoding fails on the lane, after this step returned

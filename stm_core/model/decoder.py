@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# (fn, x, halo) -> fn(x), computed in row bands by more than one thread (`stm_core.lane.SideLane.rows_in_two`)
+RowSplit = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor]
 
 
 class ResBlock(nn.Module):
@@ -35,10 +41,12 @@ class RefinementModule(nn.Module):
         """B x Cs x 2h x 2w -> B x D x 2h x 2w: depends on the frame only, so shared by its objects."""
         return self.skip_res(self.skip_conv(skip))
 
-    def merge(self, s: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    def merge(self, s: torch.Tensor, coarse: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
         """s: B x D x 2h x 2w (from `skip`), coarse: (B*O) x D x h x w -> (B*O) x D x 2h x 2w."""
         up = F.interpolate(coarse, size=s.shape[-2:], mode="bilinear", align_corners=False)
-        return self.merge_res((s[:, None] + up.unflatten(0, (s.shape[0], -1))).flatten(0, 1))
+        x = (s[:, None] + up.unflatten(0, (s.shape[0], -1))).flatten(0, 1)
+        # merge_res is two 3x3 convs: an output row depends on 2 input rows either side.
+        return self.merge_res(x) if split is None or self.merge_res.skip is not None else split(self.merge_res, x, 2)
 
 
 class Decoder(nn.Module):
@@ -64,11 +72,12 @@ class Decoder(nn.Module):
         res2: torch.Tensor,  # B x C2 x 4h x 4w
         out_size: tuple[int, int],
         skip_features: tuple[torch.Tensor, torch.Tensor] | None = None,  # from `skip_features(res3, res2)`
+        split: RowSplit | None = None,  # CPU inference: the merges' convs in row bands on two threads
     ) -> torch.Tensor:  # (B*O) x 1 x H x W foreground-minus-background logit
         s3, s2 = self.skip_features(res3, res2) if skip_features is None else skip_features
         x = self.compress_res(self.compress(readout))
-        x = self.refine3.merge(s3, x)
-        x = self.refine2.merge(s2, x)
+        x = self.refine3.merge(s3, x, split)
+        x = self.refine2.merge(s2, x, split)
         logits = self.predict(F.relu(x))  # 1/4 scale, (background, foreground)
         # softmax over (bg, fg) == sigmoid(fg - bg); bilinear upsampling is linear, so the
         # difference is taken first and one channel is upsampled instead of two.

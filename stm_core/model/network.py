@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from stm_core.model.aggregate import soft_aggregate
-from stm_core.model.decoder import Decoder
+from stm_core.model.decoder import Decoder, RowSplit
 from stm_core.model.encoders import (
     BACKBONE_CHANNELS,
     KeyValue,
@@ -123,17 +123,18 @@ class STMNetwork(nn.Module):
     ) -> tuple[QueryFeatures, tuple[torch.Tensor, torch.Tensor]]:
         """encode_query(frames) and decoder.skip_features(*skips): all the frame's own work.
 
-        `beside(fn, *args) -> Future`, if given, runs the res2 skip path elsewhere (another thread)
-        while this one goes on with res3 and res4.
+        `beside(fn, *args) -> Future`, if given, runs the res3 skip path elsewhere (another thread,
+        after a memory encoding there) while this one goes on with res4, the key and value, and
+        the res2 skip path: with one object that balances the two threads best.
         """
         enc = self.query_encoder
         r2 = enc.res2(enc.stem(enc.normalize(frames)))
-        s2 = beside(self.decoder.refine2.skip, r2) if beside is not None else self.decoder.refine2.skip(r2)
         r3 = enc.res3(r2)
+        s3 = beside(self.decoder.refine3.skip, r3) if beside is not None else self.decoder.refine3.skip(r3)
         r4 = enc.res4(r3)
         key, value = self.query_kv(r4)
-        s3 = self.decoder.refine3.skip(r3)
-        return QueryFeatures(key, value, (r3, r2)), (s3, s2.result() if beside is not None else s2)
+        s2 = self.decoder.refine2.skip(r2)
+        return QueryFeatures(key, value, (r3, r2)), (s3.result() if beside is not None else s3, s2)
 
     def encode_memory(
         self,
@@ -173,9 +174,10 @@ class STMNetwork(nn.Module):
         skips: tuple[torch.Tensor, torch.Tensor],  # the query's (res3, res2)
         out_size: tuple[int, int],
         skip_features: tuple[torch.Tensor, torch.Tensor] | None = None,  # decoder.skip_features(*skips), if run
+        split: RowSplit | None = None,  # CPU inference: the decoder's merges in row bands on two threads
     ) -> torch.Tensor:  # B x O x H x W foreground logits, each object on its own
         b, o = readout.shape[:2]
-        logits = self.decoder(readout.flatten(0, 1), *skips, out_size, skip_features)  # (B*O) x 1 x H x W
+        logits = self.decoder(readout.flatten(0, 1), *skips, out_size, skip_features, split)  # (B*O) x 1 x H x W
         return logits[:, 0].unflatten(0, (b, o))
 
     def segment(

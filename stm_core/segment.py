@@ -3,7 +3,8 @@
 `stm segment --checkpoint CKPT --frames DIR --masks DIR --out DIR [--memory every:5]`: FRAMES holds
 the video's JPEGs; MASKS holds index PNGs named like the frames, for the first frame and for any
 later frame that introduces objects. OUT receives one palette PNG per frame (pixel value = object id,
-in the input masks' palette).
+in the input masks' palette). Two runs give the same masks: the CPU convolution kernels are fixed
+unless `--timed-kernels` lets them be chosen by timing (see `stm_core.model.fuse.set_winograd_mode`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PIL import Image
 from stm_core.data.io import DAVIS_PALETTE, DataError, read_frame, read_index_mask, write_index_mask
 from stm_core.inference import segment_video
 from stm_core.memory import validate_policy
+from stm_core.model import fuse
 from stm_core.model.checkpoint import CheckpointError, load_checkpoint
 
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -64,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-size", type=int, default=None, help="longest side the network sees")
     parser.add_argument("--resize-masks", action="store_true", help="resize masks whose size differs from the frame")
+    parser.add_argument("--timed-kernels", action="store_true",
+                        help="CPU: time NNPACK's Winograd against oneDNN per convolution shape and keep the faster "
+                             "(faster on large frames, but the choice follows the machine's load, so two runs can "
+                             "round differently and a policy that feeds its predictions back can give other masks); "
+                             "default: the same kernels every run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,9 +87,14 @@ def run(args: argparse.Namespace) -> int:
         masks, palette = load_annotations(args.masks, frame_paths, args.resize_masks)
         start = time.perf_counter()
         frames = (read_frame(p) for p in frame_paths)
-        for path, ids in zip(frame_paths, segment_video(network, frames, masks, args.memory, args.device,
-                                                        args.max_size)):
-            write_index_mask(args.out / f"{path.stem}.png", ids, palette)
+        mode = fuse.winograd_mode()
+        fuse.set_winograd_mode("auto" if args.timed_kernels else "off")  # as `evaluate.reproducible`
+        try:
+            for path, ids in zip(frame_paths, segment_video(network, frames, masks, args.memory, args.device,
+                                                            args.max_size)):
+                write_index_mask(args.out / f"{path.stem}.png", ids, palette)
+        finally:
+            fuse.set_winograd_mode(mode)
         elapsed = time.perf_counter() - start
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as err:
         print(f"stm segment: {err}", file=sys.stderr)

@@ -93,7 +93,17 @@ def test_segment_video_yields_annotation_on_annotated_frames(network: STMNetwork
 
 
 @pytest.mark.slow
-def test_stm_segment_end_to_end_on_car_shadow(tmp_path: Path, davis_sample: Path, network: STMNetwork):
+def test_stm_segment_end_to_end_on_car_shadow(tmp_path: Path, davis_sample: Path, network: STMNetwork,
+                                             monkeypatch):
+    """Palette PNGs for every frame, the annotation exact, and fixed CPU kernels while segmenting
+    (reproducible runs) unless --timed-kernels; the process's kernel mode is restored after."""
+    import stm_core.segment as segment
+    from stm_core.model import fuse
+
+    modes = []
+    run_video = segment.segment_video
+    monkeypatch.setattr(segment, "segment_video", lambda *a, **k: (modes.append(fuse.winograd_mode()),
+                                                                   run_video(*a, **k))[1])
     frames_src = davis_sample / "JPEGImages/480p/car-shadow"
     frames = tmp_path / "frames"
     frames.mkdir()
@@ -115,6 +125,9 @@ def test_stm_segment_end_to_end_on_car_shadow(tmp_path: Path, davis_sample: Path
         assert im.getpalette()[:6] == src.getpalette()[:6]  # the input masks' palette
         assert set(np.unique(np.asarray(im)).tolist()) <= {0, 1}
     assert np.array_equal(np.asarray(Image.open(written[0])), read_index_mask(masks / "00000.png"))
+    assert stm(["segment", "--checkpoint", str(ckpt), "--frames", str(frames), "--masks", str(masks),
+                "--out", str(tmp_path / "timed"), "--max-size", "64", "--timed-kernels"]) == 0
+    assert modes == ["off", "auto"] and fuse.winograd_mode() == "auto"
 
 
 def test_stm_segment_refuses_without_checkpoint(tmp_path: Path, capsys):

@@ -221,8 +221,7 @@ class InferenceCore:
         padded = F.pad(probs, pad) if any(pad) else probs.clone()  # O x Hp x Wp; the caller gets probs
         padded = F.interpolate(padded[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0] \
             if padded.shape[-2:] != image.shape[-2:] else padded
-        objects = sum(len(g.object_ids) for g in self._groups
-                      if g.memory.size == 0 or g.memory.wants(t) or any(i in annotated for i in g.object_ids))
+        objects = sum(len(g.object_ids) for g in self._groups if _wants_encoding(g, t, annotated))
         if objects == 0:
             return  # no memory encoding this frame (e.g. `first`): the next query gets all threads
         # One memory-encoder pass per object: beside the query encoder (one pass), one object
@@ -239,13 +238,22 @@ class InferenceCore:
         start = 0
         for group in self._groups:
             n = len(group.object_ids)
-            group_annotated = any(i in annotated for i in group.object_ids)
-            if group.memory.size == 0 or group_annotated or group.memory.wants(t):
+            if _wants_encoding(group, t, annotated):
                 p = padded[start : start + n]
                 others = (total - p).clamp(0, 1)
                 enc = self.network.encode_memory(image, p[None], others[None])
-                group.memory.add(t, Encoded(enc.feature[0], enc.key[0], enc.value[0]), annotated=group_annotated)
+                group.memory.add(t, Encoded(enc.feature[0], enc.key[0], enc.value[0]),
+                                 annotated=_annotates(group, annotated))
             start += n
+
+
+def _annotates(group: _Group, annotated: set[int]) -> bool:
+    return any(i in annotated for i in group.object_ids)
+
+
+def _wants_encoding(group: _Group, t: int, annotated: set[int]) -> bool:
+    """Whether frame t is memory-encoded for `group`: its first frame, an annotation, or its policy."""
+    return group.memory.size == 0 or _annotates(group, annotated) or group.memory.wants(t)
 
 
 def probabilities_to_mask(probs: torch.Tensor, object_ids: list[int]) -> torch.Tensor:

@@ -215,8 +215,8 @@ def test_memory_encoding_beside_the_next_query_computes_the_same(network: STMNet
             core = InferenceCore(network, "every:3", overlap=overlap)
             threads = []
             encode = core.network.encode_memory
-            monkeypatch.setattr(core.network, "encode_memory",
-                                lambda *a, **k: threads.append(threading.current_thread().name) or encode(*a, **k))
+            monkeypatch.setattr(core.network, "encode_memory", lambda *a, threads=threads, encode=encode, **k:
+                                threads.append(threading.current_thread().name) or encode(*a, **k))
             outs[overlap] = [core.step(f, mask if t == 0 else None) for t, f in enumerate(frames)]
             assert core.groups[0].memory.size == 4  # frames 0, 3, 6 and the previous frame 7: synchronised
             assert len(threads) == 8

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # (fn, x, halo) -> fn(x), computed in row bands by more than one thread (`stm_core.lane.SideLane.rows_in_two`)
 RowSplit = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor]
 
@@ -46,7 +45,7 @@ class RefinementModule(nn.Module):
         up = F.interpolate(coarse, size=s.shape[-2:], mode="bilinear", align_corners=False)
         x = (s[:, None] + up.unflatten(0, (s.shape[0], -1))).flatten(0, 1)
         # merge_res is two 3x3 convs: an output row depends on 2 input rows either side.
-        return self.merge_res(x) if split is None or self.merge_res.skip is not None else split(self.merge_res, x, 2)
+        return self.merge_res(x) if split is None else split(self.merge_res, x, 2)
 
 
 class Decoder(nn.Module):

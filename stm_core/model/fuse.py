@@ -80,30 +80,30 @@ def winograd_mode() -> str:
     return _winograd_mode
 
 
-# Threads of NNPACK's pool: PyTorch creates it once per process, at the first NNPACK call, with the
-# calling thread's torch thread count, and never resizes it. None: not created by us yet.
-_nnpack_threads: int | None = None
+_nnpack_claimed = False
 
 
-def claim_nnpack_threads(threads: int) -> int:
-    """Create NNPACK's thread pool with `threads` threads, unless it exists; -> its thread count.
+def claim_nnpack_threads(threads: int) -> None:
+    """Create NNPACK's thread pool with `threads` threads, if this is the process's first NNPACK call.
 
-    On 2 cores NNPACK's Winograd runs about as fast on one thread as on two (its pool and OpenMP's
-    spinning workers compete), and a 2-thread pool beside another busy thread oversubscribes the
-    cores: `InferenceCore`'s overlap claims one thread per lane before any Winograd call.
+    PyTorch creates that pool once per process, at the first NNPACK call, with the calling thread's
+    torch thread count, and never resizes it: later claims, and claims after any other NNPACK call,
+    change nothing. On 2 cores NNPACK's Winograd runs about as fast on one thread as on two (its pool
+    and OpenMP's spinning workers compete), and a 2-thread pool beside another busy thread
+    oversubscribes the cores: `InferenceCore`'s overlap claims one lane's share before its first frame.
     """
-    global _nnpack_threads
-    if _nnpack_threads is None and torch.backends.nnpack.is_available():
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():  # the smallest call NNPACK accepts creates the pool
-                torch._nnpack_spatial_convolution(torch.zeros(1, 8, 8, 8), torch.zeros(8, 8, 3, 3), torch.zeros(8),
-                                                  [1, 1], [1, 1])
-        finally:
-            torch.set_num_threads(before)
-        _nnpack_threads = threads
-    return _nnpack_threads or threads
+    global _nnpack_claimed
+    if _nnpack_claimed or not torch.backends.nnpack.is_available():
+        return
+    _nnpack_claimed = True
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():  # the smallest call NNPACK accepts creates the pool
+            torch._nnpack_spatial_convolution(torch.zeros(1, 8, 8, 8), torch.zeros(8, 8, 3, 3), torch.zeros(8),
+                                              [1, 1], [1, 1])
+    finally:
+        torch.set_num_threads(before)
 
 
 def _best_seconds(fn, x: torch.Tensor, repeats: int = 2) -> float:
@@ -140,7 +140,6 @@ class WinogradConv2d(nn.Conv2d):
         return self._winograd(x) if faster else super().forward(x)
 
     def _winograd(self, x: torch.Tensor) -> torch.Tensor:
-        claim_nnpack_threads(torch.get_num_threads())  # what PyTorch would do; remembered
         x = x.contiguous()  # NNPACK reads NCHW
         out = [torch._nnpack_spatial_convolution(x[i : i + 1], self.weight, self.bias, self.padding, self.stride)
                for i in range(x.shape[0])]

@@ -128,8 +128,14 @@ class InferenceCore:
         frame: torch.Tensor,  # 3 x H x W, float in [0, 1] or uint8
         mask: torch.Tensor | None = None,  # H x W object ids (0 = background)
         objects: Iterable[int] | None = None,  # ids the mask annotates; default: all its non-zero ids
+        truth: torch.Tensor | None = None,  # H x W ground-truth ids: memorised instead of the prediction
     ) -> torch.Tensor:  # (1+O) x H x W probabilities, channel 0 background, then self.object_ids
-        """Segment one frame and memorise it. Annotated frames return their annotation."""
+        """Segment one frame and memorise it. Annotated frames return their annotation.
+
+        `truth` (oracle memory, a diagnostic): if the policy memorises this frame, it memorises the
+        ground truth of the tracked objects (one-hot) instead of the prediction, which is still what
+        is returned. The gap to the same policy without it is what the model's own mistakes cost.
+        """
         self.frame_index += 1
         frame = frame.to(self.device, non_blocking=True)
         frame = frame.float() / 255 if frame.dtype == torch.uint8 else frame.float()
@@ -160,8 +166,9 @@ class InferenceCore:
             return torch.ones(1, height, width, device=self.device)
 
         # The same probabilities are memorised and returned: aggregated once, as the official STM.
+        memorised = probs if truth is None else self._one_hot(truth, size)
         with self._autocast():
-            self._memorize(image, probs[1:], pad, annotated)
+            self._memorize(image, memorised[1:], pad, annotated)
         if size == (height, width):
             return probs
         return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
@@ -212,6 +219,17 @@ class InferenceCore:
         out[0] *= ~claimed
         for k, obj in enumerate(ids, start=1):
             out[k] = (mask == obj).float() if obj in annotated else out[k] * (~claimed)
+        return out
+
+    def _one_hot(self, truth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """H x W ground-truth ids -> (1+O) x h x w one-hot over self.object_ids (ids not tracked yet
+        are background)."""
+        truth = truth.to(self.device).long()
+        if truth.shape[-2:] != size:
+            truth = F.interpolate(truth[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        ids = torch.tensor([0, *self.object_ids], device=self.device)
+        out = (truth[None] == ids[:, None, None]).float()
+        out[0] = 1 - out[1:].sum(0)  # untracked ids -> background
         return out
 
     def _memorize(self, image: torch.Tensor, probs: torch.Tensor, pad, annotated: set[int]) -> None:

@@ -57,8 +57,20 @@ def test_explicit_and_bare_policies():
         ("stm-every-10", "stm", "every:10"), ("stm-fifo-3", "stm", "fifo:3"), ("stm-every-2", "stm", "every:2")]
 
 
+def test_oracle_variants_name_the_model_and_policy_they_shadow():
+    vs = parse_variants(["stm:every", "oracle:every", "oracle:stm:previous", "oracle:strmn:C"],
+                        MemoryParams(every=5, slots=4))
+    assert [(v.name, v.model, v.policy, v.oracle) for v in vs] == [
+        ("stm-every-5", "stm", "every:5", False), ("stm-oracle-every-5", "stm", "every:5", True),
+        ("stm-oracle-previous", "stm", "previous", True), ("strmn-oracle-recurrent-4-C", "strmn", "recurrent:4:C", True)]
+
+
 @pytest.mark.parametrize("specs, message", [
     (["stm:every:5", "stm:every"], "gave already"),
+    (["oracle:copy-first"], "no memory to hold the ground truth"),
+    (["oracle:"], "needs a model's policy"),
+    (["oracle:oracle:first"], "needs a model's policy"),
+    (["oracle:every", "oracle:stm:every:5"], "gave already"),
     (["stm:bogus"], "unknown memory policy"),
     (["stm"], "needs a memory policy"),
     (["stm:every:0"], "integer >= 1"),
@@ -279,6 +291,25 @@ def test_report_tables_follow_the_papers_layout():
     assert strmn[2][1:5] == ["69.0", "71.0", "70.0", "5"] and strmn[2][-1].startswith("76.1 / 81.0 / 78.5")
 
 
+def test_oracle_rows_sit_beside_their_plain_twin_not_in_the_paper_tables():
+    from pipeline.report.ablation import Row, oracle_table, stm_table
+
+    def row(name, policy, jf, oracle=False):
+        metrics = dict.fromkeys(METRICS, 0.5)
+        metrics.update(JF_mean=jf)
+        return Row(name, "stm", policy, policy.split(":")[0], "", metrics, "", oracle)
+
+    rows = [row("stm-first", "first", 0.40), row("stm-every-5", "every:5", 0.38),
+            row("stm-oracle-every-5", "every:5", 0.52, True), row("stm-oracle-fifo-8", "fifo:8", 0.45, True)]
+    assert [line.split(" | ")[0].strip("| ") for line in stm_table(rows)[2:]] == ["First", "Every 5 frames"]
+    table = oracle_table(rows)
+    assert table[0].startswith("## Memory holding the ground truth")
+    body = [line for line in table if line.startswith("| STM")]
+    assert body == ["| STM: Every 5 frames | 38.0 | 52.0 | +14.0 |",  # its plain twin was evaluated
+                    "| STM: First + latest 7 (FIFO 8) | – | 45.0 |  |"]  # none to compare with: no gain
+    assert oracle_table(rows[:2]) == []
+
+
 def test_per_sequence_table_names_policies_whose_difference_changes_sign(tmp_path):
     from pipeline.report.ablation import per_sequence_table
     from pipeline.report.per_sequence import read_sequence_scores
@@ -399,7 +430,7 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
     names = make_tiny_davis(data)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "stm.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=32)))
-    variants = ["copy-first", "stm:first", "stm:every"]
+    variants = ["copy-first", "stm:first", "stm:every", "oracle:every"]
     if HAS_STRMN:
         save_checkpoint(tmp_path / "strmn.pt", STMNetwork(ModelConfig(kind="strmn", decoder_dim=32, fusion_dim=16)))
         variants.append("strmn")
@@ -414,12 +445,12 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
     assert main(["report"]) == 0  # the same inputs give the same report
     assert (Path("reports/ablation.md").read_bytes(), Path("reports/ablation.png").read_bytes()) == first
 
-    expected = ["copy-first", "stm-first", "stm-every-2"] + (
+    expected = ["copy-first", "stm-first", "stm-every-2", "stm-oracle-every-2"] + (
         ["strmn-recurrent-3-A", "strmn-recurrent-3-C"] if HAS_STRMN else [])
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert list(metrics) == expected
     summary = json.loads(Path("metrics/summary.json").read_text())
-    labels = ["copy-first", "first", "every"] + (["strmn-A", "strmn-C"] if HAS_STRMN else [])
+    labels = ["copy-first", "first", "every", "oracle-every"] + (["strmn-A", "strmn-C"] if HAS_STRMN else [])
     assert list(summary) == ["JF", "FPS"] and list(summary["JF"]) == labels == list(summary["FPS"])
     assert summary["JF"]["every"] == round(100 * metrics["stm-every-2"]["JF_mean"], 1)
     gt_dir = data / "Annotations" / "480p"
@@ -443,6 +474,9 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
                         ("Every 2 frames", "stm-every-2")):
         jf, j, f = (f"{100 * direct[name][k]:.1f}" for k in ("J&F-Mean", "J-Mean", "F-Mean"))
         assert stm[label][:3] == [jf, j, f], label
+    oracle = _md_rows(text, "(oracle diagnostic)")  # the ground truth in memory, beside the plain policy
+    assert oracle["STM: Every 2 frames"][:2] == [f"{100 * direct[n]['J&F-Mean']:.1f}"
+                                                 for n in ("stm-every-2", "stm-oracle-every-2")]
     per_sequence = _md_rows(text, "sequence by sequence (J&F)")
     first = {r["sequence"]: float(r["JF_mean"]) for r in csv.DictReader(Path("results/stm-first/sequences.csv").open())}
     assert per_sequence["First"][:2] == [f"{100 * first[n]:.1f}" for n in names]

@@ -234,3 +234,33 @@ def test_memory_encoding_beside_the_next_query_computes_the_same(network: STMNet
     core.step(frames[1])  # its memory encoding fails on the lane, after this step returned
     with pytest.raises(OSError, match="lane"):
         core.step(frames[2])
+
+
+def test_oracle_memory_memorises_the_truth_and_returns_the_prediction(network: STMNetwork, monkeypatch):
+    """`truth`: frames the policy memorises hold the ground truth (one-hot, untracked ids as background);
+    the returned probabilities are the prediction, equal to a run without truth up to that memory."""
+    size = (96, 160)  # a multiple of the stride: memorised masks are not padded
+    frames = [torch.rand(3, *size) for _ in range(4)]
+    first = torch.zeros(size, dtype=torch.long)
+    first[10:50, 10:60] = 3
+    truth = torch.zeros(size, dtype=torch.long)
+    truth[40:80, 90:150] = 3  # the object "moved": unlike anything the model predicts
+    truth[0:10, 0:20] = 9  # an id that is not tracked: background in memory
+    memorised = []
+    original = network.encode_memory
+    monkeypatch.setattr(network, "encode_memory",
+                        lambda image, probs, others: memorised.append(probs.clone()) or original(image, probs, others))
+    plain, oracle = InferenceCore(network, "every:1", overlap=False), InferenceCore(network, "every:1", overlap=False)
+    outs = []
+    for t, frame in enumerate(frames):
+        mask = first if t == 0 else None
+        p = plain.step(frame, mask)
+        o = oracle.step(frame, mask, truth=truth if t > 0 else None)
+        outs.append((p, o))
+    # frame 1 reads only frame 0's memory: the same for both; later frames read the truth instead
+    assert torch.allclose(outs[1][0], outs[1][1], atol=1e-6)
+    assert not torch.allclose(outs[2][0], outs[2][1], atol=1e-3)
+    oracle_encodings = memorised[1::2]  # the two cores alternate, plain first
+    assert torch.equal(oracle_encodings[1][0, 0], (truth == 3).float())  # object 3 exactly as the truth
+    assert oracle_encodings[1][0, 0, 5, 5] == 0  # untracked id 9 is not object 3
+    assert not torch.equal(memorised[2][0, 0], (truth == 3).float())  # the plain core memorised its prediction

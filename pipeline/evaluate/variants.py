@@ -9,9 +9,13 @@ A variant spec in `evaluate.variants` is one of
   strmn:<RULE>            one STRMN rule (A, B, C, D or I2M) with K = memory.slots
   strmn:<policy>          the STRMN model with any explicit policy (recurrent:K:RULE, recurrent-i2m:K, ...)
   <policy>                a bare policy: recurrent* runs the STRMN model, anything else the STM model
+  oracle:<policy>         a diagnostic: the same model and policy, but each frame the policy memorises
+                          holds its ground-truth mask instead of the prediction (benchmarks with dense
+                          annotations); the gap to the plain policy is what the model's own mistakes in
+                          memory cost, and what is left below 100 is the model's reading
 
 Names are stable and filesystem-safe: the model, then the policy with ':' and '+' turned into '-'
-(`stm-every-5`, `stm-first-previous`, `strmn-recurrent-3-C`, `copy-first`). They name the result
+(`stm-every-5`, `stm-first-previous`, `strmn-recurrent-3-C`, `copy-first`, `stm-oracle-every-5`). They name the result
 folders, the keys of metrics/evaluate.json and the MLflow child runs.
 """
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from stm_core.memory import validate_policy
 
 COPY_FIRST = "copy-first"
+ORACLE = "oracle"
 RULES = ("A", "B", "C", "D")
 I2M = "I2M"
 POSTPROCESS = ("none", "strmn", "all")
@@ -64,6 +69,7 @@ class Variant:
     model: str  # "stm", "strmn" or "none" (copy-first)
     policy: str  # memory policy for stm_core.memory.make_memory; "copy-first" for the baseline
     postprocess: bool = False  # stm_core.postprocess on each prediction (STRMN's far-blob removal)
+    oracle: bool = False  # memorise the ground truth instead of the prediction (a diagnostic)
 
     @property
     def family(self) -> str:
@@ -85,23 +91,31 @@ class Variant:
         return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
-def variant_name(model: str, policy: str) -> str:
+def variant_name(model: str, policy: str, oracle: bool = False) -> str:
     if model == "none":
         return policy
-    return f"{model}-{policy}".replace(":", "-").replace("+", "-")
+    return f"{model}-{'oracle-' if oracle else ''}{policy}".replace(":", "-").replace("+", "-")
 
 
-def make_variant(model: str, policy: str) -> Variant:
-    name = variant_name(model, policy)
+def make_variant(model: str, policy: str, oracle: bool = False) -> Variant:
+    name = variant_name(model, policy, oracle)
     if not SAFE_NAME.match(name):
         raise ValueError(f"variant name {name!r} is not filesystem-safe")
-    return Variant(name, model, policy)
+    return Variant(name, model, policy, oracle=oracle)
 
 
 def _expand(spec: str, memory: MemoryParams) -> list[Variant]:
     spec = spec.strip()
     if spec == COPY_FIRST:
         return [Variant(COPY_FIRST, "none", COPY_FIRST)]
+    if spec.startswith(ORACLE + ":"):
+        rest = spec[len(ORACLE) + 1:].strip()
+        if not rest or rest.startswith(ORACLE + ":"):
+            raise ValueError("oracle: needs a model's policy, e.g. oracle:every or oracle:strmn:C")
+        plain = _expand(rest, memory)
+        if any(v.model == "none" for v in plain):
+            raise ValueError("copy-first has no memory to hold the ground truth")
+        return [make_variant(v.model, v.policy, oracle=True) for v in plain]
     model, _, rest = spec.partition(":")
     if model not in MODELS:  # a bare policy
         model, rest = ("strmn" if spec.startswith("recurrent") else "stm"), spec

@@ -211,7 +211,9 @@ def copy_first(n_frames: int, given: dict[int, np.ndarray], size: tuple[int, int
 
 
 def _segment(network: STMNetwork, variant: Variant, payload: SequencePayload, given: dict[int, np.ndarray],
-             device: torch.device, max_size: int | None) -> tuple[list[np.ndarray], float, int, int, int]:
+             device: torch.device, max_size: int | None, gt: dict[int, np.ndarray] | None = None,
+             ) -> tuple[list[np.ndarray], float, int, int, int]:
+    """`gt` (oracle variants): frames the policy memorises hold their ground truth where it exists."""
     core = InferenceCore(network, variant.policy, device=device, max_internal_size=max_size)
     probe = PeakMemory(device)
     probe.start()
@@ -220,8 +222,9 @@ def _segment(network: STMNetwork, variant: Variant, payload: SequencePayload, gi
     for t, data in enumerate(payload.frames):
         frame = to_tensor(decode_image(data, f"{payload.name}/{payload.frame_names[t]}"))  # 3 x H x W
         mask = torch.from_numpy(given[t]).long() if t in given else None
+        truth = torch.from_numpy(gt[t]).long() if variant.oracle and gt is not None and t in gt else None
         start = time.perf_counter()
-        probs = core.step(frame, mask)
+        probs = core.step(frame, mask, truth=truth)
         pred = probabilities_to_mask(probs, core.object_ids).cpu().numpy()  # syncs the device
         seconds += time.perf_counter() - start
         if variant.postprocess and out and t not in given:  # STRMN's step: output only, memory untouched
@@ -272,7 +275,7 @@ def run_sequence(variant: Variant, network: STMNetwork | None, payload: Sequence
     else:
         if network is None:
             raise ValueError(f"variant {variant.name} needs a network")
-        preds, seconds, peak, entries, nbytes = _segment(network, variant, payload, given, dev, max_size)
+        preds, seconds, peak, entries, nbytes = _segment(network, variant, payload, given, dev, max_size, gt)
     pngs = [index_mask_png(p) for p in preds]
     # Score exactly what the PNGs hold (the encoding is lossless for uint8 ids).
     scores = score(payload, gt, [decode_index_mask_png(b) for b in pngs])

@@ -57,6 +57,7 @@ class Row:
     rule: str
     metrics: dict[str, float | None]
     training_data: str = ""  # what the variant's model was trained on (from its checkpoint)
+    oracle: bool = False  # memory held the ground truth instead of predictions (a diagnostic row)
 
     @property
     def size(self) -> int | None:
@@ -88,7 +89,7 @@ def rows_from_outputs(evaluation: dict, variants_csv: str, where: str = "") -> l
         parts = policy.split(":")
         rule = parts[2] if parts[0] == "recurrent" and len(parts) == 3 else ""
         rows.append(Row(name, v["model"], policy, parts[0], rule, {k: _value(table[name][k]) for k in METRICS},
-                        str(training.get(v["model"], ""))))
+                        str(training.get(v["model"], "")), bool(v.get("oracle", False))))
     if not rows:
         raise ReportError("results/evaluation.json names no variant; re-run `stm evaluate`")
     return rows
@@ -98,12 +99,43 @@ def stm_rows(rows: list[Row]) -> list[Row]:
     def order(r: Row):
         rank = STM_ORDER.index(r.family) if r.family in STM_ORDER else len(STM_ORDER)
         return (rank, r.size or 0, r.policy)
-    return [r for r in rows if r.variant == COPY_FIRST] + sorted((r for r in rows if r.model == "stm"), key=order)
+    return [r for r in rows if r.variant == COPY_FIRST] + sorted((r for r in rows if r.model == "stm" and not r.oracle),
+                                                                  key=order)
 
 
 def strmn_rows(rows: list[Row]) -> list[Row]:
-    model = sorted((r for r in rows if r.model == "strmn"), key=lambda r: (r.rule or "~", r.size or 0, r.policy))
+    model = sorted((r for r in rows if r.model == "strmn" and not r.oracle),
+                   key=lambda r: (r.rule or "~", r.size or 0, r.policy))
     return [r for r in rows if r.variant == COPY_FIRST] + model
+
+
+def oracle_pairs(rows: list[Row]) -> list[tuple[Row | None, Row]]:
+    """(the plain variant or None, its oracle twin) for each oracle row, in the tables' order."""
+    plain = {(r.model, r.policy): r for r in rows if not r.oracle}
+    order = {r.variant: i for i, r in enumerate(stm_rows(rows) + strmn_rows(rows))}
+    pairs = [(plain.get((r.model, r.policy)), r) for r in rows if r.oracle]
+    return sorted(pairs, key=lambda p: (p[1].model != "stm", order.get(p[0].variant, 1e9) if p[0] else 1e9))
+
+
+def label(r: Row) -> str:
+    return strmn_label(r) if r.model == "strmn" else stm_label(r)
+
+
+def oracle_table(rows: list[Row]) -> list[str]:
+    """Each oracle variant beside its plain twin: what the model's own mistakes in memory cost."""
+    pairs = oracle_pairs(rows)
+    if not pairs:
+        return []
+    body = []
+    for plain, oracle in pairs:
+        p, o = (plain.metrics["JF_mean"] if plain else None), oracle.metrics["JF_mean"]
+        gain = signed(o - p) if p is not None and o is not None else ""
+        body.append([f"{oracle.model.upper()}: {label(oracle)}", pct(p), pct(o), gain])
+    return ["## Memory holding the ground truth (oracle diagnostic)", "",
+            "The same model and policy, but every frame the policy memorises holds its ground-truth mask instead "
+            "of the prediction (the returned masks are still predictions). The gain is what the model's own "
+            "mistakes in memory cost; what stays below 100 with perfect memory is the model's reading itself.", "",
+            *_table(["Memory", "J&F, predictions memorised", "J&F, ground truth memorised", "Gain"], body), ""]
 
 
 def stm_label(r: Row) -> str:
@@ -298,6 +330,7 @@ def render_markdown(out: Path, evaluation: dict, rows: list[Row], chart: Path,
         "",
         *i2m_table(rows),
         *[f"Note: {n}\n" for n in distinct_notes(rows)],
+        *oracle_table(rows),
         "## Every variant",
         "",
         *all_table(rows),
@@ -328,6 +361,12 @@ def render_chart(path: Path, rows: list[Row], title: str = "") -> None:
             for bar, r in zip(bars, table):
                 ax.text(bar.get_width() + 0.5, bar.get_y() + bar.get_height() / 2, f"{seconds(r)} s/frame",
                         va="center", fontsize=8)
+            twins = {plain.variant: oracle for plain, oracle in oracle_pairs(rows) if plain is not None}
+            marked = [(y, twins[r.variant]) for y, r in zip(ys, table) if r.variant in twins]
+            if marked:  # the oracle twin as an outline: how far perfect memory would take each policy
+                ax.barh([y for y, _ in marked], [100 * (o.metrics["JF_mean"] or 0) for _, o in marked],
+                        fill=False, edgecolor="#d62728", linestyle="--", label="ground truth in memory (oracle)")
+                ax.legend(loc="lower right", fontsize=8)
             ax.set_title("STM memory frames (Table 5): J&F")
         else:
             height = 0.27

@@ -1,8 +1,9 @@
 """Evaluate the memory variants on a benchmark in parallel on Ray; log them to MLflow and DVC outputs.
 
 `stm evaluate [--params params.yaml]`. The variants (`evaluate.variants`) are STM memory policies
-with the STM model, STRMN update rules with K = `memory.slots` slots with the STRMN model, and the
-`copy-first` baseline. A pool of Ray actors (local, or the cluster at $RAY_ADDRESS; one per GPU, or
+with the STM model, STRMN update rules with K = `memory.slots` slots with the STRMN model, the
+`copy-first` baseline, and `oracle:<policy>` diagnostics (the policy's memory frames hold their ground
+truth; grammar in pipeline/evaluate/variants.py). A pool of Ray actors (local, or the cluster at $RAY_ADDRESS; one per GPU, or
 per `evaluate.num_cpus` CPUs) takes the (variant, sequence) items one at a time: each actor loads a
 checkpoint once, and times each sequence with its device to itself. Frames, annotations and
 checkpoints travel to the actors through the object store.

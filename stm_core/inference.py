@@ -204,8 +204,7 @@ class InferenceCore:
         probs: (1+O_known) x h x w or None -> (1+O) x h x w; an annotated pixel is exactly its
         object (one-hot, as the official code memorises the first frame's mask).
         """
-        if mask.shape[-2:] != size:
-            mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        mask = _resize_ids(mask, size)
         ids = self.object_ids
         out = torch.zeros(1 + len(ids), *size, device=self.device)
         if probs is not None:
@@ -224,9 +223,7 @@ class InferenceCore:
     def _one_hot(self, truth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """H x W ground-truth ids -> (1+O) x h x w one-hot over self.object_ids (ids not tracked yet
         are background)."""
-        truth = truth.to(self.device).long()
-        if truth.shape[-2:] != size:
-            truth = F.interpolate(truth[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        truth = _resize_ids(truth.to(self.device).long(), size)
         ids = torch.tensor([0, *self.object_ids], device=self.device)
         out = (truth[None] == ids[:, None, None]).float()
         out[0] = 1 - out[1:].sum(0)  # untracked ids -> background
@@ -263,6 +260,13 @@ class InferenceCore:
                 group.memory.add(t, Encoded(enc.feature[0], enc.key[0], enc.value[0]),
                                  annotated=_annotates(group, annotated))
             start += n
+
+
+def _resize_ids(ids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """H x W object ids -> size (nearest: ids are labels, not intensities)."""
+    if ids.shape[-2:] == size:
+        return ids
+    return F.interpolate(ids[None, None].float(), size=size, mode="nearest")[0, 0].long()
 
 
 def _annotates(group: _Group, annotated: set[int]) -> bool:

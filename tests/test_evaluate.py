@@ -505,6 +505,41 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
     assert len(client.list_artifacts(child["run_id"], "overlays")) == 2
     assert {a.path for a in client.list_artifacts(run_id, "report")} == {"report/ablation.md", "report/ablation.png"}
 
+    # the read probe ran on the actors; its record equals the probe run here on the same files
+    probe = json.loads(Path("results/read_probe.json").read_text())
+    expected_probe = direct_read_probe(tmp_path / "stm.pt", data, names, every=2)
+    assert list(probe["sequences"]) == names and probe["every"] == 2
+    for memory in ("first", "every:2"):
+        for key in ("precision", "chance", "sink_share", "samples"):
+            assert probe["memories"][memory][key] == pytest.approx(expected_probe[memory][key], abs=1e-5), (memory, key)
+    assert Path("results/read_probe.png").stat().st_size > 500
+    section = text.split("## Where the memory read looks (read probe)")[1].split("## ")[0]
+    assert f"| `first` | {100 * probe['memories']['first']['precision']:.1f}% |" in section
+    assert "![read probe](../results/read_probe.png)" in section
+    assert {a.path for a in client.list_artifacts(run_id, "read_probe")} == {"read_probe/read_probe.json",
+                                                                            "read_probe/read_probe.png"}
+    parent = client.get_run(run_id).data.metrics
+    assert parent["read_probe.every_2.samples"] == expected_probe["every:2"]["samples"]
+
+
+def direct_read_probe(checkpoint: Path, data: Path, names: list[str], every: int) -> dict:
+    """stm_core.read_probe over the benchmark's files, outside Ray: the reference for the stage's record."""
+    import torch
+
+    from stm_core.data.io import read_frame, read_index_mask
+    from stm_core.model.checkpoint import load_checkpoint
+    from stm_core.read_probe import ProbeTotals, probe_sequence
+
+    network = load_checkpoint(checkpoint).eval()
+    overall: dict[str, ProbeTotals] = {}
+    for name in names:
+        frames = [read_frame(f) for f in sorted((data / "JPEGImages" / "480p" / name).glob("*.jpg"))]
+        masks = {t: torch.from_numpy(read_index_mask(f).astype(np.int64)) for t, f in
+                 enumerate(sorted((data / "Annotations" / "480p" / name).glob("*.png")))}
+        for memory, totals in probe_sequence(network, frames, masks, every)[0].items():
+            overall.setdefault(memory, ProbeTotals()).merge(totals)
+    return {memory: totals.summary() for memory, totals in overall.items()}
+
 
 @pytest.mark.slow
 def test_evaluation_loads_each_checkpoint_once_per_worker(tmp_path, monkeypatch):

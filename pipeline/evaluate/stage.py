@@ -11,7 +11,9 @@ checkpoints travel to the actors through the object store.
 Writes results/<variant>/<sequence>/%05d.png (palette PNGs) and results/<variant>/sequences.csv,
 metrics/evaluate.json ({variant: {JF_mean, J_mean, ..., fps, peak_memory_mb, memory_entries}}),
 plots/evaluate_variants.csv, plots/evaluate_j_per_frame.csv, results/evaluation.json (the MLflow
-parent run id, for `stm report`), and one MLflow parent run with one child run per variant.
+parent run id, for `stm report`), and one MLflow parent run with one child run per variant. With an
+STM model, the actors also probe its memory read on the first `evaluate.probe_sequences` sequences
+(stm_core.read_probe): results/read_probe.json and read_probe.png, metrics `read_probe.*` on the parent.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pipeline import storage, tracking
 from pipeline.cluster import ClusterError
 from pipeline.evaluate import outputs
 from pipeline.evaluate.per_rule import checkpoint_path, model_key
+from pipeline.evaluate.probe import write_probe
 from pipeline.evaluate.variants import MemoryParams, Variant, parse_variants
 from pipeline.evaluate.worker import EvaluationWorker, SequencePayload, SequenceResult, sha256
 from pipeline.params import ParamsError, load_params, section
@@ -60,12 +63,15 @@ class EvaluateParams:
     num_gpus: float | None = None  # GPUs per evaluation actor; null: 1 on cuda (timed alone), 0 on cpu
     overlays: int = 3  # overlay images per variant logged to MLflow (from the first sequence)
     reproducible: bool = True  # CPU: the same convolution kernels every run (no timed Winograd choice)
+    probe_sequences: int = 3  # sequences on which the STM model's memory read is checked against the ground truth (0: off)
 
     def __post_init__(self):
         if self.format not in ("auto", "davis", "youtube-vos"):
             raise ValueError(f"format must be auto, davis or youtube-vos, got {self.format!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.probe_sequences < 0:
+            raise ValueError(f"probe_sequences must be >= 0, got {self.probe_sequences}")
         if self.num_cpus <= 0:
             raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")
 
@@ -223,15 +229,17 @@ def heaviest_first(work: list[tuple[Variant, VideoSequence]]) -> list[tuple[Vari
 
 
 def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict[str, tuple[Path, bytes]],
-              p: EvaluateParams, memory: MemoryParams, writer: outputs.ResultsWriter,
-              keep_masks: set[str]) -> tuple[dict[str, dict[str, SequenceResult]], list[dict[str, int]]]:
+              p: EvaluateParams, memory: MemoryParams, writer: outputs.ResultsWriter, keep_masks: set[str],
+              probes: list[VideoSequence] = (),
+              ) -> tuple[dict[str, dict[str, SequenceResult]], list[dict[str, int]], list[dict]]:
     """A pool of evaluation actors, each fed one (variant, sequence) item at a time as it frees up;
-    results written as they arrive. Returns the results and each actor's checkpoint loads."""
+    results written as they arrive. Then the read probes of `probes` with the STM model (variant None).
+    Returns the results, each actor's checkpoint loads and the probe results."""
     import ray
     from tqdm import tqdm
 
     device = resolve_device(p.device)
-    work = heaviest_first([(v, seq) for seq in videos for v in variants])
+    work = heaviest_first([(v, seq) for seq in videos for v in variants]) + [(None, seq) for seq in probes]
     n_actors, gpus = actor_count(p, device, len(work))
     # SPREAD: the actors fill every node, not the driver's first.
     actor_cls = ray.remote(EvaluationWorker).options(num_cpus=p.num_cpus, num_gpus=gpus, max_restarts=1,
@@ -243,6 +251,7 @@ def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict
     idle = list(actors)
     pending: dict = {}
     results: dict[str, dict[str, SequenceResult]] = {v.name: {} for v in variants}
+    probed: list[dict] = []
     queue = iter(work)
     try:
         with tqdm(total=len(work), desc=f"evaluate ({n_actors} actors)", unit="item", file=sys.stderr) as bar:
@@ -252,12 +261,16 @@ def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict
                     if seq.name not in payload_refs:
                         payload_refs[seq.name] = ray.put(payload(seq))
                     actor = idle.pop()
-                    ref = actor.run.remote(v, model_refs.get(model_key(v, p.strmn_model)), payload_refs[seq.name])
-                    pending[ref] = (v.name, seq.name, actor)
+                    if v is None:
+                        ref = actor.probe.remote(model_refs["stm"], payload_refs[seq.name], memory.every, True)
+                    else:
+                        ref = actor.run.remote(v, model_refs.get(model_key(v, p.strmn_model)), payload_refs[seq.name])
+                    pending[ref] = (v, seq.name, actor)
                 if not pending:
                     break
                 [ref], _ = ray.wait(list(pending), num_returns=1)
-                name, seq_name, actor = pending.pop(ref)
+                v, seq_name, actor = pending.pop(ref)
+                name = v.name if v else "read probe"
                 try:
                     result = ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - RayTaskError wraps the worker's exception
@@ -265,17 +278,20 @@ def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict
                     raise EvaluationError(f"variant {name} on sequence {seq_name}: {type(cause).__name__}: "
                                           f"{cause}") from err
                 idle.append(actor)
+                bar.set_postfix_str(f"{name}/{seq_name}", refresh=False)
+                bar.update()
+                if v is None:
+                    probed.append(result)
+                    continue
                 writer.add(result)
                 if seq_name not in keep_masks:
                     result.masks = []  # on disk now; keep memory flat on long benchmarks
                 results[name][seq_name] = result
-                bar.set_postfix_str(f"{name}/{seq_name}", refresh=False)
-                bar.update()
         loads = ray.get([a.loads.remote() for a in actors])
     finally:
         for a in actors:
             ray.kill(a)
-    return results, loads
+    return results, loads, probed
 
 
 # ----------------------------------------------------------------------------- MLflow
@@ -412,7 +428,9 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
     try:
         link_inputs(uri, parent_id, p, models)
         first = videos[0].name
-        by_variant, loads = run_tasks(variants, videos, models, p, memory, writer, keep_masks={first})
+        probes = ([v for v in videos if len(v.annotations) >= 2][: p.probe_sequences] if "stm" in models else [])
+        by_variant, loads, probed = run_tasks(variants, videos, models, p, memory, writer, keep_masks={first},
+                                              probes=probes)
         summaries = [outputs.summarize_variant(v.name, [by_variant[v.name][s.name] for s in videos]) for v in variants]
         for s in summaries:
             writer.commit(s)
@@ -420,7 +438,8 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
         overlay_frames = [f.read_bytes() for f in videos[0].frames]
         children = log_children(uri, mlflow_p.experiment, parent_id, tags, summaries, variants, p, memory, models,
                                 overlay_frames, first)
-        _log_parent(uri, parent_id, summaries, written)
+        probe_files = write_probe(results_dir, probed, memory.every, str(models["stm"][0]) if probed else "")
+        _log_parent(uri, parent_id, summaries, written, probe_files)
         info = {"parent_run_id": parent_id, "experiment": mlflow_p.experiment, "tracking_uri": uri,
                 "models": {k: model_info(path) for k, (path, _) in models.items()},
                 "nodes": sorted({r.node_id for runs in by_variant.values() for r in runs.values() if r.node_id}),
@@ -438,7 +457,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
             ray.shutdown()
 
 
-def _log_parent(uri: str, parent_id: str, summaries, written: list[Path]) -> None:
+def _log_parent(uri: str, parent_id: str, summaries, written: list[Path], probe_files: list[Path] = ()) -> None:
     from mlflow.entities import Metric
 
     client = tracking.client(uri)
@@ -453,6 +472,15 @@ def _log_parent(uri: str, parent_id: str, summaries, written: list[Path]) -> Non
         client.log_batch(parent_id, metrics=metrics[i:i + 500])
     for path in written:
         client.log_artifact(parent_id, str(path), "dvc")
+    for path in probe_files:
+        client.log_artifact(parent_id, str(path), "read_probe")
+        if path.suffix == ".json":
+            import json
+
+            for memory, values in json.loads(path.read_text())["memories"].items():
+                name = memory.replace(":", "_")  # MLflow metric names take no ':'
+                client.log_batch(parent_id, metrics=[Metric(f"read_probe.{name}.{k}", float(v), now, 0)
+                                                     for k, v in values.items() if v is not None])
 
 
 def _fmt(value: float | None, width: int, digits: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
+import io
 import os
 import resource
 import tempfile
@@ -28,6 +29,7 @@ from stm_core.model.checkpoint import load_checkpoint
 from stm_core.model.fuse import set_winograd_mode
 from stm_core.model.network import STMNetwork
 from stm_core.postprocess import remove_far_blobs
+from stm_core.read_probe import heatmap_picture, probe_sequence
 
 SIZE_TOLERANCE = 2  # masks this many pixels off their frame's size are resized (as stm_core.data.video)
 
@@ -284,6 +286,37 @@ def run_sequence(variant: Variant, network: STMNetwork | None, payload: Sequence
                           memory_entries=entries, memory_bytes=nbytes)
 
 
+def probe_read(network: STMNetwork, payload: SequencePayload, every: int, picture: bool) -> dict:
+    """Where the network's memory read looks on one sequence, against its ground truth
+    (stm_core.read_probe): {"memories": {name: {"precision", "chance", "sink", "count"} sums},
+    "picture": PNG bytes or None}. The picture: each target's read of its first frame, at the frame nearest
+    the middle that shows the most targets."""
+    size = decode_image(payload.frames[0], f"{payload.name}/{payload.frame_names[0]}").shape[:2]
+    gt = decode_annotations(payload, size)
+    frames = [to_tensor(decode_image(d, f"{payload.name}/{n}")) for d, n in zip(payload.frames, payload.frame_names)]
+    # the picture's query frame: the one nearest the middle among those that show the most targets
+    in_view = {t: len(set(np.unique(m).tolist()) - {0, 255}) for t, m in gt.items() if t > 0}
+    most = max(in_view.values(), default=0)
+    middle = min((t for t, n in in_view.items() if n == most), key=lambda t: abs(t - len(frames) // 2), default=0)
+    totals, heat = probe_sequence(network, frames, {t: torch.from_numpy(m).long() for t, m in gt.items()},
+                                  every, heatmap_frame=middle if picture and most else None)
+    png = None
+    if heat:
+        from PIL import Image
+
+        image = lambda t: (frames[t].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # noqa: E731
+        rows = [heatmap_picture(image(middle), gt[middle], image(first), gt[first], maps[first], obj)
+                for obj, maps in sorted(heat.items())[:3] for first in maps]
+        picture = Image.fromarray(np.concatenate(rows, axis=0))
+        if picture.width < 512:  # small benchmark frames: twice the size, pixels kept sharp
+            picture = picture.resize((picture.width * 2, picture.height * 2), Image.NEAREST)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        png = buffer.getvalue()
+    return {"memories": {name: vars(t) for name, t in totals.items()}, "picture": png,
+            "picture_frame": payload.frame_names[middle] if png else None}
+
+
 class EvaluationWorker:
     """A Ray actor: one per reserved device share (one per GPU by default), fed (variant, sequence)
     items one at a time. Models load once per actor, not once per task (Ray starts a fresh process
@@ -316,6 +349,18 @@ class EvaluationWorker:
 
         result.node_id = ray.get_runtime_context().get_node_id()  # which node ran it (cluster tests, logs)
         return result
+
+    def probe(self, model: tuple[str, list], payload: SequencePayload, every: int, picture: bool) -> dict:
+        """probe_read on this actor's copy of the network (`model` as in run)."""
+        digest, box = model
+
+        def fetch() -> bytes:
+            import ray
+
+            return ray.get(box[0])
+
+        network = self.cache.get(digest, fetch, self.top_k, self.device)
+        return {"sequence": payload.name, **probe_read(network, payload, every, picture)}
 
     def loads(self) -> dict[str, int]:
         return dict(self.cache.loads)

@@ -301,7 +301,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def render_markdown(out: Path, evaluation: dict, rows: list[Row], chart: Path,
-                    sequence_scores: SequenceScores | None = None) -> None:
+                    sequence_scores: SequenceScores | None = None, probe: list[str] = ()) -> None:
     sequences = [str(s) for s in evaluation.get("sequences") or []]
     n_seq = len(sequences)
     lines = [
@@ -331,6 +331,7 @@ def render_markdown(out: Path, evaluation: dict, rows: list[Row], chart: Path,
         *i2m_table(rows),
         *[f"Note: {n}\n" for n in distinct_notes(rows)],
         *oracle_table(rows),
+        *probe,
         "## Every variant",
         "",
         *all_table(rows),

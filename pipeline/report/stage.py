@@ -7,7 +7,8 @@ per-variant scores table, and each STM variant's per-sequence scores (results/<v
 beside the record). It writes two tables in the papers' layout: STM Table 5 (memory frames vs J&F,
 J, F and time per frame; then each policy sequence by sequence against First) and STRMN Table 4
 (update rule vs J, F, mean), both with memory size and the copy-first baseline, then every
-variant's full scores. The same inputs give
+variant's full scores, and where the STM memory read looks (results/read_probe.json, when the
+evaluation probed it). The same inputs give
 the same bytes. Afterwards both files are attached to the evaluation's MLflow parent run (artifact
 folder `report`); that is a copy for browsing, and its failure only warns.
 """
@@ -19,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.report import read_probe
 from pipeline.report.ablation import ReportError, render_chart, render_markdown, rows_from_outputs
 from pipeline.report.per_sequence import PerSequenceError, read_sequence_scores
 
@@ -59,7 +61,11 @@ def report(evaluation_file: Path, variants_file: Path, out: Path, chart: Path) -
         scores = read_sequence_scores(evaluation_file.parent, [r.variant for r in rows if r.model == "stm"])
     except PerSequenceError as err:
         raise ReportError(str(err)) from err
-    render_markdown(out, evaluation, rows, chart, scores)
+    try:
+        probe = read_probe.section(evaluation_file.parent, out.parent)
+    except read_probe.ReadProbeError as err:
+        raise ReportError(str(err)) from err
+    render_markdown(out, evaluation, rows, chart, scores, probe)
     render_chart(chart, rows, title=f"{evaluation.get('dataset', '')} ({evaluation.get('split', '')})")
     return evaluation, attach_to_mlflow(evaluation, [out, chart])
 

@@ -262,7 +262,7 @@ def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict
                         payload_refs[seq.name] = ray.put(payload(seq))
                     actor = idle.pop()
                     if v is None:
-                        ref = actor.probe.remote(model_refs["stm"], payload_refs[seq.name], memory.every, True)
+                        ref = actor.probe.remote(model_refs["stm"], payload_refs[seq.name], memory.every)
                     else:
                         ref = actor.run.remote(v, model_refs.get(model_key(v, p.strmn_model)), payload_refs[seq.name])
                     pending[ref] = (v, seq.name, actor)

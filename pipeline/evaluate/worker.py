@@ -334,24 +334,18 @@ class EvaluationWorker:
     def run(self, variant: Variant, model: tuple[str, list] | None, payload: SequencePayload) -> SequenceResult:
         """`model` is (sha256, [ObjectRef of the checkpoint bytes]): the ref is wrapped in a list so
         Ray does not fetch the bytes when this actor already holds that network."""
-        network = None
-        if model is not None:
-            digest, box = model
-
-            def fetch() -> bytes:
-                import ray
-
-                return ray.get(box[0])
-
-            network = self.cache.get(digest, fetch, self.top_k, self.device)
+        network = self._network(model) if model is not None else None
         result = run_sequence(variant, network, payload, self.device, self.max_size)
         import ray
 
         result.node_id = ray.get_runtime_context().get_node_id()  # which node ran it (cluster tests, logs)
         return result
 
-    def probe(self, model: tuple[str, list], payload: SequencePayload, every: int, picture: bool) -> dict:
-        """probe_read on this actor's copy of the network (`model` as in run)."""
+    def probe(self, model: tuple[str, list], payload: SequencePayload, every: int) -> dict:
+        """probe_read, with its picture, on this actor's copy of the network (`model` as in run)."""
+        return {"sequence": payload.name, **probe_read(self._network(model), payload, every, picture=True)}
+
+    def _network(self, model: tuple[str, list]) -> STMNetwork:
         digest, box = model
 
         def fetch() -> bytes:
@@ -359,8 +353,7 @@ class EvaluationWorker:
 
             return ray.get(box[0])
 
-        network = self.cache.get(digest, fetch, self.top_k, self.device)
-        return {"sequence": payload.name, **probe_read(network, payload, every, picture)}
+        return self.cache.get(digest, fetch, self.top_k, self.device)
 
     def loads(self) -> dict[str, int]:
         return dict(self.cache.loads)

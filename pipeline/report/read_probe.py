@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.report.ablation import _table
+
 MATCHING = 2.0  # on-target weight at least this many times uniform's: the read finds the target
 
 
@@ -35,12 +37,14 @@ def verdict(memories: dict) -> str:
     if lift >= MATCHING:
         return (f"The read finds the target: its pixels put {lift:.1f}x the weight that uniform weights would on "
                 "the target's memory locations, so memory frames that hold a changed look can help.")
-    sink_note = (f" {100 * sink:.0f}% of query locations read from one and the same memory location (an "
-                 "attention sink: its value summarises the whole frame, a global descriptor)" if sink and sink > 0.5
-                 else "")
-    return (f"The read does not find the target (on it: {lift:.1f}x uniform weights).{sink_note}. Extra memory "
-            "frames then change only what that summary averages over, not where the read looks, so the memory "
-            "policies cannot differ much, even with perfect memory frames.")
+    if sink is not None and sink > 0.5:
+        return (f"The read does not find the target (on it: {lift:.1f}x uniform weights). {100 * sink:.0f}% of "
+                "query locations read from one and the same memory location (an attention sink: its value "
+                "summarises the whole frame, a global descriptor). Extra memory frames then change only what that "
+                "summary averages over, not where the read looks, so the memory policies cannot differ much, even "
+                "with perfect memory frames.")
+    return (f"The read does not find the target (on it: {lift:.1f}x uniform weights), so memory frames that hold a "
+            "changed look help little, even perfect ones.")
 
 
 def section(results_dir: Path, report_dir: Path) -> list[str]:
@@ -61,8 +65,7 @@ def section(results_dir: Path, report_dir: Path) -> list[str]:
              "the memory). The memory frames hold their ground truth, so this measures the read, not earlier "
              f"mistakes. `every:{record.get('every')}` is the first frame plus every {record.get('every')}th frame "
              "before the query (STM's saved frames).", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             *["| " + " | ".join(row) + " |" for row in body], ""]
+             *_table(header, body), ""]
     if text := verdict(record["memories"]):
         lines += [text, ""]
     if record.get("picture"):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stm_core.inference import pad_to_stride
 from stm_core.model.network import STRIDE, STMNetwork
 from stm_core.model.read import to_tokens
 
@@ -66,10 +67,7 @@ class ProbeTotals:
     count: int = 0
 
     def add(self, precision: float, chance: float, sink: float) -> None:
-        self.precision += precision
-        self.chance += chance
-        self.sink += sink
-        self.count += 1
+        self.merge(ProbeTotals(precision, chance, sink, 1))
 
     def merge(self, other: ProbeTotals) -> None:
         self.precision += other.precision
@@ -86,10 +84,7 @@ class ProbeTotals:
 
 
 def _pad(x: torch.Tensor) -> torch.Tensor:
-    """Zero-pad the last two dims to multiples of the network stride, split around the image as inference does."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % STRIDE, (-w) % STRIDE
-    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)) if ph or pw else x
+    return pad_to_stride(x)[0]  # as inference pads: the same key locations
 
 
 def memory_frames(first: int, query: int, annotated: list[int], every: int) -> dict[str, list[int]]:

@@ -304,7 +304,9 @@ def probe_read(network: STMNetwork, payload: SequencePayload, every: int, pictur
     if heat:
         from PIL import Image
 
-        image = lambda t: (frames[t].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # noqa: E731
+        def image(t: int) -> np.ndarray:  # H x W x 3 uint8
+            return (frames[t].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
         rows = [heatmap_picture(image(middle), gt[middle], image(first), gt[first], maps[first], obj)
                 for obj, maps in sorted(heat.items())[:3] for first in maps]
         picture = Image.fromarray(np.concatenate(rows, axis=0))

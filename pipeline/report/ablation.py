@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import tempfile
@@ -25,6 +26,17 @@ METRICS = ("JF_mean", "J_mean", "J_recall", "J_decay", "F_mean", "F_recall", "F_
 
 class ReportError(RuntimeError):
     pass
+
+
+def read_record(path: Path, key: str, kind: type, what: str, error: type[Exception] = ReportError) -> dict:
+    """A JSON record `stm evaluate` wrote, with `key` of type `kind`; else `error` naming the file."""
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err}); re-run `stm evaluate`") from err
+    if not isinstance(record, dict) or not isinstance(record.get(key), kind):
+        raise error(f"{path}: not {what}; re-run `stm evaluate`")
+    return record
 
 
 COPY_FIRST = "copy-first"

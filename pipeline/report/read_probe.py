@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from pipeline.report.ablation import _table
+from pipeline.report.ablation import _table, read_record
 
 MATCHING = 2.0  # on-target weight at least this many times uniform's: the read finds the target
 
@@ -20,13 +19,7 @@ def read_probe(results_dir: Path) -> dict | None:
     path = results_dir / "read_probe.json"
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ReadProbeError(f"{path}: not valid JSON ({err}); re-run `stm evaluate`") from err
-    if not isinstance(record, dict) or not isinstance(record.get("memories"), dict):
-        raise ReadProbeError(f"{path}: not a read-probe record (no `memories`); re-run `stm evaluate`")
-    return record
+    return read_record(path, "memories", dict, "a read-probe record (no `memories`)", ReadProbeError)
 
 
 def verdict(memories: dict) -> str:

@@ -16,12 +16,17 @@ folder `report`); that is a copy for browsing, and its failure only warns.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from pipeline.report import read_probe
-from pipeline.report.ablation import ReportError, render_chart, render_markdown, rows_from_outputs
+from pipeline.report.ablation import (
+    ReportError,
+    read_record,
+    render_chart,
+    render_markdown,
+    rows_from_outputs,
+)
 from pipeline.report.per_sequence import PerSequenceError, read_sequence_scores
 
 
@@ -29,12 +34,7 @@ def read_inputs(evaluation_file: Path, variants_file: Path) -> tuple[dict, str]:
     for path in (evaluation_file, variants_file):
         if not path.is_file():
             raise ReportError(f"{path}: not found; run `stm evaluate` (or `dvc repro evaluate`) first")
-    try:
-        evaluation = json.loads(evaluation_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{evaluation_file}: not valid JSON ({err}); re-run `stm evaluate`") from err
-    if not isinstance(evaluation, dict) or not isinstance(evaluation.get("variants"), list):
-        raise ReportError(f"{evaluation_file}: not an evaluation record (no `variants` list); re-run `stm evaluate`")
+    evaluation = read_record(evaluation_file, "variants", list, "an evaluation record (no `variants` list)")
     return evaluation, variants_file.read_text()
 
 

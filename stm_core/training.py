@@ -60,11 +60,13 @@ def unroll_stm(
     valid: torch.Tensor,  # B x O bool: which object channels exist in each clip
     loss: str = "ce",
     top_p: float = 0.15,
+    read_weight: float = 0.0,  # weight of `read_loss` (0: off, as in the paper)
 ) -> UnrollOutput:
     b, n, _, h, w = frames.shape
     num_objects = valid.shape[1]
     probs = one_hot_objects(masks[:, 0], num_objects) * valid[:, :, None, None]
     memory = network.encode_memory(frames[:, 0], probs)
+    read_losses = []
     keys, values = [to_tokens(memory.key)], [to_tokens(memory.value)]  # B x O x hw x C each
     all_logits, losses = [], []
     for t in range(1, n):
@@ -72,12 +74,53 @@ def unroll_stm(
         logits = network.segment(query, torch.cat(keys, 2), torch.cat(values, 2), (h, w), valid)
         all_logits.append(logits)
         losses.append(segmentation_loss(logits, masks[:, t], loss, top_p))
+        if read_weight > 0:
+            read_losses.append(read_loss(query.key, torch.cat(keys, 2), masks[:, t], masks[:, :t], valid))
         if t < n - 1:  # memorise the soft prediction: no thresholding, gradients flow through it
             probs = logits.softmax(dim=1)[:, 1:]
             memory = network.encode_memory(frames[:, t], probs)
             keys.append(to_tokens(memory.key))
             values.append(to_tokens(memory.value))
-    return UnrollOutput(torch.stack(all_logits, 1), torch.stack(losses).mean())
+    total = torch.stack(losses).mean()
+    if read_losses:
+        total = total + read_weight * torch.stack(read_losses).mean()
+    return UnrollOutput(torch.stack(all_logits, 1), total)
+
+
+def label_tokens(masks: torch.Tensor, num_labels: int, size: tuple[int, int]) -> torch.Tensor:
+    """masks: B x ... x H x W ids -> B x (... * h*w) x labels: each key location's area share per label."""
+    lead = masks.shape[:-2]
+    onehot = F.one_hot(masks.long().flatten(0, -3), num_labels).permute(0, 3, 1, 2).float()
+    shares = to_tokens(F.adaptive_avg_pool2d(onehot, size))  # (B * ...) x hw x labels
+    return shares.reshape(lead[0], -1, num_labels)
+
+
+def read_loss(
+    query_key: torch.Tensor,  # B x Ck x h x w
+    memory_key: torch.Tensor,  # B x O x L x Ck, L = T*h*w (frame-major, as the unroll stacks them)
+    query_mask: torch.Tensor,  # B x H x W ids in 0..O: the query frame's ground truth
+    memory_masks: torch.Tensor,  # B x T x H x W ids: the memory frames' ground truth
+    valid: torch.Tensor,  # B x O bool
+) -> torch.Tensor:  # scalar
+    """Supervise the read itself: -log of the read weight (eq. 1-2, STM's 1/sqrt(Ck) scale) that a
+    query location puts on memory locations of its own label (background or an object).
+
+    Not in either paper. From scratch, at the embedded default's scale, the segmentation loss alone
+    trains a read that ignores where the target is (an attention sink: `stm_core.read_probe`); this
+    term makes the memory's content reach the decoder (README, "Does the model use its memory?").
+    """
+    num_labels = valid.shape[1] + 1
+    size = tuple(query_key.shape[-2:])
+    q_labels = label_tokens(query_mask, num_labels, size)  # B x hw x labels
+    m_labels = label_tokens(memory_masks, num_labels, size)  # B x L x labels
+    agree = q_labels @ m_labels.transpose(1, 2)  # B x hw x L: chance that both have one label
+    q = to_tokens(query_key).float()  # B x hw x Ck
+    weights = (torch.einsum("bqc,bolc->boql", q, memory_key.float()) / q.shape[-1] ** 0.5).softmax(-1)
+    on_label = (weights * agree[:, None]).sum(-1)  # B x O x hw
+    counted = (agree.sum(-1) > 0)[:, None] & valid[:, :, None]  # a label the memory has; a real object
+    if not bool(counted.any()):
+        return on_label.sum() * 0.0  # nothing to supervise; keeps the graph
+    return -on_label.clamp_min(1e-6).log()[counted.expand_as(on_label)].mean()
 
 
 class SegmentOutput(NamedTuple):

@@ -14,6 +14,15 @@ SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture()
+def one_thread():
+    """Other processes share these 2 cores: two OpenMP threads each would spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "davis-sample").is_dir():

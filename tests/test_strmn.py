@@ -19,13 +19,7 @@ from stm_core.training import strmn_segments, unroll_strmn
 C, H, W = 4, 2, 3  # tiny templates for the rule tests
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores: torch's default threads oversubscribe them (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 shared cores: default threads oversubscribe them (10x slower)
 
 
 class TagFusion(nn.Module):

@@ -62,15 +62,6 @@ def test_lr_schedule():
     assert lr_at(10, {**train, "lr_schedule": "constant"}) == 1e-3
 
 
-@pytest.fixture()
-def one_thread():
-    """Other processes share these 2 cores: two OpenMP threads each would spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_loss_goes_down_in_process(one_thread):
     """The training step (Unroll module + Adam) fits a tiny moving-square data set."""
     torch.manual_seed(0)

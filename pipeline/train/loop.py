@@ -49,7 +49,7 @@ class Unroll(nn.Module):
 
             return unroll_strmn(self.network, frames, masks, valid, rule=self.strmn["rule"],
                                 slots=self.strmn["slots"], segment_length=self.strmn["segment_length"], **kw)
-        return unroll_stm(self.network, frames, masks, valid, **kw)
+        return unroll_stm(self.network, frames, masks, valid, read_weight=self.settings.get("read_loss", 0.0), **kw)
 
 
 def lr_at(step: int, train: dict) -> float:

@@ -41,6 +41,7 @@ class StageParams:
     grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
     loss: Literal["ce", "bootstrap"] = "ce"  # cross-entropy, or bootstrapped CE over the hardest pixels
     bootstrap_top_p: float = 0.15  # share of hardest pixels the bootstrapped CE averages
+    read_loss: float = 0.0  # (STM) weight of a loss on the read: query pixels should read memory of their own label (not in the papers; 0: off)
     frames: int = 3  # frames per STM training clip (the paper: 3)
     crop: int = 96  # square training crop in pixels (the paper: 384); Parquet clips larger than it are cropped
     max_objects: int = 3  # objects per clip at most (a random subset of frame 0's objects)
@@ -58,6 +59,10 @@ class StageParams:
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the stage fails
     log_every: int = 10  # steps between progress lines / MLflow metrics
     log_images_every: int = 50  # steps between prediction overlays logged to MLflow (0: never)
+
+    def __post_init__(self):
+        if self.read_loss < 0:
+            raise ValueError(f"read_loss must be >= 0 (a loss weight; 0: off), got {self.read_loss}")
 
 
 @dataclass

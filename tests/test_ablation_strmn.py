@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.evaluate.per_rule import checkpoint_path, model_key
 from pipeline.evaluate.variants import MemoryParams, parse_variants
@@ -78,6 +79,23 @@ def test_each_rule_stage_trains_with_its_rule_into_its_own_folder():
     assert len(runs) == 5  # different recipes: no rule resumes another's checkpoints
     with pytest.raises(ParamsError, match="params.yaml.*--rule applies to the STRMN main stage"):
         settings(params, "main", "stm", "A")
+
+
+def test_strmn_pretraining_takes_its_own_steps(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["pretrain"]["steps"], raw["strmn"]["pretrain_steps"] = 50, 7
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    assert settings(params, "pretrain", "strmn").stage_params.steps == 7
+    assert settings(params, "pretrain", "stm").stage_params.steps == 50  # STM keeps pretrain.steps
+    assert settings(params, "main", "strmn", "C").stage_params.steps == raw["strmn"]["main_steps"]
+    raw["strmn"]["pretrain_steps"] = None
+    params.write_text(yaml.safe_dump(raw))
+    assert settings(params, "pretrain", "strmn").stage_params.steps == 50
+    raw["strmn"]["pretrain_steps"] = 0
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"params.yaml: strmn.pretrain_steps must be >= 1"):
+        settings(params, "pretrain", "strmn")
 
 
 def test_embedded_default_lets_the_rules_differ():

@@ -35,15 +35,19 @@ def apply_rule(params_file: str | Path, stage: str, kind: str, rule: str, strmn,
 
 
 def strmn_overrides(params_file: str | Path, section_name: str, strmn, stage_params):
-    """The STRMN stages' own learning rate (strmn.lr, both stages) and fine-tuning schedule
-    (strmn.lr_schedule, main only: pretraining validation on held-out images is not implemented), checked."""
+    """The STRMN stages' own learning rate (strmn.lr, both stages), pretraining steps
+    (strmn.pretrain_steps) and fine-tuning schedule (strmn.lr_schedule, main only: pretraining
+    validation on held-out images is not implemented), checked."""
     from pipeline.train.schedule import check_stage
 
     schedule = strmn.lr_schedule if section_name == "train" else None
-    changes = {k: v for k, v in (("lr", strmn.lr), ("lr_schedule", schedule)) if v is not None}
+    steps = strmn.pretrain_steps if section_name == "pretrain" else None
+    changes = {k: v for k, v in (("lr", strmn.lr), ("lr_schedule", schedule), ("steps", steps)) if v is not None}
     if changes.get("lr_schedule") not in (None, "constant", "cosine", "plateau"):
         raise ParamsError(f"{params_file}: strmn.lr_schedule must be null, constant, cosine or plateau, "
                           f"got {changes['lr_schedule']!r}")
+    if steps is not None and steps < 1:
+        raise ParamsError(f"{params_file}: strmn.pretrain_steps must be >= 1 (or null: pretrain.steps), got {steps}")
     out = dataclasses.replace(stage_params, **changes)
     try:
         check_stage(out, f"{params_file}: {section_name} (STRMN)")

@@ -78,6 +78,7 @@ class StrmnParams:
     update: Literal["clip", "segment"] = "clip"  # one Adam step per clip batch, or per TBPTT segment (the paper)
     batch_size: int | None = None  # global batch of the STRMN stages (null: the stage's batch_size)
     rules: list[str] = dataclasses.field(default_factory=lambda: ["C"])  # one main (fine-tuning) stage per rule (dvc foreach)
+    pretrain_steps: int | None = None  # optimizer steps of the shared STRMN pretraining (null: pretrain.steps)
     main_steps: int | None = None  # optimizer steps of each per-rule main stage (null: train.steps)
     lr: float | None = None  # learning rate of the STRMN stages (null: the stage's lr; the paper: 1e-4)
     lr_schedule: str | None = None  # schedule of the STRMN stages (null: the stage's; the paper: plateau)

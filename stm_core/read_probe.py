@@ -36,9 +36,11 @@ def read_weights(query_key: torch.Tensor, memory_key: torch.Tensor, scale: float
 
 
 def label_shares(mask: torch.Tensor, num_labels: int, size: tuple[int, int]) -> torch.Tensor:
-    """mask: H x W ids in 0..num_labels-1 -> (h*w) x num_labels: each label's area share per key location."""
-    one_hot = F.one_hot(mask.long(), num_labels).permute(2, 0, 1).float()[None]  # 1 x N x H x W
-    return to_tokens(F.adaptive_avg_pool2d(one_hot, size))[0]
+    """mask: ... x H x W ids in 0..num_labels-1 -> ... x (h*w) x num_labels: each label's area share
+    per key location."""
+    flat = mask.long().reshape(-1, *mask.shape[-2:])
+    one_hot = F.one_hot(flat, num_labels).permute(0, 3, 1, 2).float()  # N x labels x H x W
+    return to_tokens(F.adaptive_avg_pool2d(one_hot, size)).reshape(*mask.shape[:-2], -1, num_labels)
 
 
 def target_read(weights: torch.Tensor, query_share: torch.Tensor, memory_share: torch.Tensor) -> tuple[float, float]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from stm_core.memory.recurrent import RULES, Slots, update_slots
 from stm_core.model.network import STMNetwork
 from stm_core.model.read import to_tokens
+from stm_core.read_probe import label_shares
 
 
 class UnrollOutput(NamedTuple):
@@ -66,9 +67,8 @@ def unroll_stm(
     num_objects = valid.shape[1]
     probs = one_hot_objects(masks[:, 0], num_objects) * valid[:, :, None, None]
     memory = network.encode_memory(frames[:, 0], probs)
-    read_losses = []
     keys, values = [to_tokens(memory.key)], [to_tokens(memory.value)]  # B x O x hw x C each
-    all_logits, losses = [], []
+    all_logits, losses, read_losses = [], [], []
     for t in range(1, n):
         query = network.encode_query(frames[:, t])
         logits = network.segment(query, torch.cat(keys, 2), torch.cat(values, 2), (h, w), valid)
@@ -87,14 +87,6 @@ def unroll_stm(
     return UnrollOutput(torch.stack(all_logits, 1), total)
 
 
-def label_tokens(masks: torch.Tensor, num_labels: int, size: tuple[int, int]) -> torch.Tensor:
-    """masks: B x ... x H x W ids -> B x (... * h*w) x labels: each key location's area share per label."""
-    lead = masks.shape[:-2]
-    onehot = F.one_hot(masks.long().flatten(0, -3), num_labels).permute(0, 3, 1, 2).float()
-    shares = to_tokens(F.adaptive_avg_pool2d(onehot, size))  # (B * ...) x hw x labels
-    return shares.reshape(lead[0], -1, num_labels)
-
-
 def read_loss(
     query_key: torch.Tensor,  # B x Ck x h x w
     memory_key: torch.Tensor,  # B x O x L x Ck, L = T*h*w (frame-major, as the unroll stacks them)
@@ -107,12 +99,12 @@ def read_loss(
 
     Not in either paper. From scratch, at the embedded default's scale, the segmentation loss alone
     trains a read that ignores where the target is (an attention sink: `stm_core.read_probe`); this
-    term makes the memory's content reach the decoder (README, "Does the model use its memory?").
+    term makes the memory's content reach the decoder (README, "Measured figures").
     """
     num_labels = valid.shape[1] + 1
     size = tuple(query_key.shape[-2:])
-    q_labels = label_tokens(query_mask, num_labels, size)  # B x hw x labels
-    m_labels = label_tokens(memory_masks, num_labels, size)  # B x L x labels
+    q_labels = label_shares(query_mask, num_labels, size)  # B x hw x labels
+    m_labels = label_shares(memory_masks, num_labels, size).flatten(1, 2)  # B x L x labels, frame-major
     agree = q_labels @ m_labels.transpose(1, 2)  # B x hw x L: chance that both have one label
     q = to_tokens(query_key).float()  # B x hw x Ck
     weights = (torch.einsum("bqc,bolc->boql", q, memory_key.float()) / q.shape[-1] ** 0.5).softmax(-1)

@@ -13,7 +13,8 @@ from pipeline.train import settings as train_cmd
 from pipeline.train.loop import Unroll
 from stm_core.model.network import ModelConfig, STMNetwork
 from stm_core.model.read import to_tokens
-from stm_core.training import label_tokens, read_loss, unroll_stm
+from stm_core.read_probe import label_shares
+from stm_core.training import read_loss, unroll_stm
 
 TINY_MODEL = {"backbone": "resnet18", "pretrained": "none", "decoder_dim": 16}
 
@@ -27,18 +28,18 @@ def halves(b: int = 1) -> torch.Tensor:
 
 def keys_from_labels(mask: torch.Tensor, size: tuple[int, int], strength: float) -> torch.Tensor:
     """B x Ck x h x w keys that point one way on object 1 and the other way on background."""
-    share = label_tokens(mask, 2, size)  # B x hw x 2
+    share = label_shares(mask, 2, size)  # B x hw x 2
     key = (share[..., 1:] - share[..., :1]) * strength  # B x hw x 1: +s on the object, -s on background
     return key.transpose(1, 2).reshape(mask.shape[0], 1, *size)
 
 
-def test_label_tokens_are_area_shares_frame_major():
+def test_label_shares_take_any_leading_dims():
     masks = torch.stack([halves()[0], torch.zeros(32, 32, dtype=torch.long)])[None]  # B=1 x T=2 x H x W
-    share = label_tokens(masks, 2, (2, 2))
-    assert share.shape == (1, 8, 2)
-    assert torch.allclose(share[0, :4, 1], torch.tensor([1.0, 0.0, 1.0, 0.0]))  # frame 0: left column
-    assert torch.allclose(share[0, 4:, 0], torch.ones(4))  # frame 1: all background
-    assert torch.allclose(share.sum(-1), torch.ones(1, 8))
+    share = label_shares(masks, 2, (2, 2))
+    assert share.shape == (1, 2, 4, 2)
+    assert torch.allclose(share[0, 0, :, 1], torch.tensor([1.0, 0.0, 1.0, 0.0]))  # frame 0: left column
+    assert torch.allclose(share[0, 1, :, 0], torch.ones(4))  # frame 1: all background
+    assert torch.equal(share[0, 0], label_shares(masks[0, 0], 2, (2, 2)))  # one mask: (h*w) x labels
 
 
 def test_read_loss_rewards_reading_your_own_label():

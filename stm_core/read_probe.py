@@ -26,21 +26,13 @@ import torch.nn.functional as F
 
 from stm_core.inference import pad_to_stride
 from stm_core.model.network import STRIDE, STMNetwork
-from stm_core.model.read import to_tokens
+from stm_core.model.read import label_shares, to_tokens
 
 
 def read_weights(query_key: torch.Tensor, memory_key: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """query_key: Lq x Ck, memory_key: L x Ck -> Lq x L softmax weights of eq. (1) (scale 1/sqrt(Ck) as STM)."""
     scale = 1.0 / math.sqrt(query_key.shape[-1]) if scale is None else scale
     return (query_key.float() @ memory_key.float().T * scale).softmax(dim=-1)
-
-
-def label_shares(mask: torch.Tensor, num_labels: int, size: tuple[int, int]) -> torch.Tensor:
-    """mask: ... x H x W ids in 0..num_labels-1 -> ... x (h*w) x num_labels: each label's area share
-    per key location."""
-    flat = mask.long().reshape(-1, *mask.shape[-2:])
-    one_hot = F.one_hot(flat, num_labels).permute(0, 3, 1, 2).float()  # N x labels x H x W
-    return to_tokens(F.adaptive_avg_pool2d(one_hot, size)).reshape(*mask.shape[:-2], -1, num_labels)
 
 
 def target_read(weights: torch.Tensor, query_share: torch.Tensor, memory_share: torch.Tensor) -> tuple[float, float]:

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from stm_core.memory.recurrent import RULES, Slots, update_slots
 from stm_core.model.network import STMNetwork
-from stm_core.model.read import to_tokens
-from stm_core.read_probe import label_shares
+from stm_core.model.read import label_shares, to_tokens
 
 
 class UnrollOutput(NamedTuple):

@@ -12,8 +12,7 @@ from pipeline.params import ParamsError
 from pipeline.train import settings as train_cmd
 from pipeline.train.loop import Unroll
 from stm_core.model.network import ModelConfig, STMNetwork
-from stm_core.model.read import to_tokens
-from stm_core.read_probe import label_shares
+from stm_core.model.read import label_shares, to_tokens
 from stm_core.training import read_loss, unroll_stm
 
 TINY_MODEL = {"backbone": "resnet18", "pretrained": "none", "decoder_dim": 16}

@@ -66,3 +66,11 @@ def naive_memory_read(
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """... x C x h x w feature map -> ... x (h*w) x C tokens."""
     return x.flatten(-2).transpose(-1, -2)
+
+
+def label_shares(mask: torch.Tensor, num_labels: int, size: tuple[int, int]) -> torch.Tensor:
+    """mask: ... x H x W ids in 0..num_labels-1 -> ... x (h*w) x num_labels: each label's area share
+    per key location (what a read should find where: the read loss and the read probe)."""
+    flat = mask.long().reshape(-1, *mask.shape[-2:])
+    one_hot = F.one_hot(flat, num_labels).permute(0, 3, 1, 2).float()  # N x labels x H x W
+    return to_tokens(F.adaptive_avg_pool2d(one_hot, size)).reshape(*mask.shape[:-2], -1, num_labels)

@@ -14,7 +14,7 @@ The video (default DAVIS `car-shadow`, 480x854, so padded to 480x864) runs throu
 longer side of its box into `--objects` objects. Per frame it reports the max abs probability
 difference and the share of decided pixels (official top-two probabilities more than 1e-3 apart:
 with untrained weights many pixels are near-ties) where our mask equals the official argmax.
-Bar (issue #11): max difference <= 1e-3 every frame, agreement >= 99.9%. Exit status 1 if missed.
+Bar: max difference <= 1e-3 every frame, agreement >= 99.9%. Exit status 1 if missed.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def section(args: argparse.Namespace, rows: list[dict]) -> str:
     lines += [
         "",
         f"Machine: {first['device_name']} (`{platform.processor() or platform.machine()}`), torch {first['torch']}, "
-        f"`OMP_NUM_THREADS={args.threads}`; the 2 cores were shared with other developers' jobs, so "
+        f"`OMP_NUM_THREADS={args.threads}`; the 2 cores were shared with other jobs, so "
         "wall ms/frame is noisy (the load average before/after each run is in the table); the process "
         "CPU seconds (start-up included) and memory counts are not. The CPU ms per extra frame is "
         "the difference of CPU seconds between two lengths over the frames added, so start-up cancels.",

@@ -18,7 +18,8 @@
 #
 # Arguments / environment:
 #   $1 or STM_PARAMS   params file to run with (default params.yaml); another file, e.g. the
-#                      paper recipe, is copied over params.yaml in this job's copy of the repo
+#                      paper recipe (an overlay of params.yaml), is written merged into
+#                      params.yaml in this job's copy of the repo (`stm recipe`)
 #   STM_STORAGE_ROOT   the store every node reaches (s3://, gs://, file:// on a shared mount): the
 #                      stages keep what crosses nodes there (storage.root in params wins)
 #   STM_DVC_REMOTE     the remote's URL for this job (s3://..., gs://..., a shared mount), instead
@@ -34,7 +35,13 @@ params="${1:-${STM_PARAMS:-params.yaml}}"
 [[ -f dvc.yaml ]] || { echo "run-pipeline.sh: no dvc.yaml in $(pwd): run from the repository root" >&2; exit 2; }
 [[ -f "$params" ]] || { echo "run-pipeline.sh: params file '$params' not found in $(pwd)" >&2; exit 2; }
 if [[ "$params" != "params.yaml" ]]; then
-  cp "$params" params.yaml  # DVC tracks params.yaml; this is the job's own copy of the repo
+  # DVC tracks params.yaml; this is the job's own copy of the repo. An overlay (extends:) is merged
+  # over its base; a full params file is copied as it is.
+  if grep -q '^extends:' "$params"; then
+    stm recipe "$params" --output params.yaml
+  else
+    cp "$params" params.yaml
+  fi
 fi
 # Ray leaves .git out of the working-dir upload (as does an image without it); DVC needs a git repo.
 [[ -d .git ]] || git init -q

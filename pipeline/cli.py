@@ -14,9 +14,10 @@ COMMANDS: dict[str, str] = {
     "evaluate": "pipeline.evaluate.stage",
     "report": "pipeline.report.stage",
     "baseline": "pipeline.baseline",
-    "segment": "stm_core.segment",
+    "recipe": "pipeline.recipe",
+    "segment": "pipeline.segment.cli",  # one video: stm_core.segment (no Ray); many: pipeline.segment.stage
     "import-official": "stm_core.import_official",
-    "score": "stm_core.metrics",
+    "score": "stm_core.scoring.cli",
 }
 
 

@@ -2,6 +2,14 @@
 
 Unknown keys are errors (a typo in `-S memory.slot=5` must not pass silently), and every error
 names the file and the key.
+
+A params file may be an overlay: `extends: params.yaml` at its top level names the file it
+changes (relative to the overlay's folder; that one may extend another), and the overlay holds only
+what differs. Mappings merge key by key; any other value (a list, a number) replaces the base's.
+Every overlay key must exist in its base (a typo is an error naming the overlay and the key);
+`replace: [download.sources]` names mappings that the overlay's value replaces whole, new names
+allowed. `load_params` returns the merged mapping, so every `--params` accepts an overlay; DVC reads
+only params.yaml, which `stm recipe OVERLAY` writes from one (pipeline/recipe.py).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ DEFAULT_PARAMS = "params.yaml"
 # depends on them in dvc.yaml, so `dvc exp run -S ray.storage=s3://...` or more CPUs re-run nothing.
 PLACEMENT_KEYS = (
     "ray.cpus_per_worker", "ray.gpus_per_worker", "ray.num_cpus", "ray.object_store_mb", "ray.storage",
-    "ray.placement_strategy", "storage.root",
+    "ray.placement_strategy", "ray.data_min_actors", "ray.data_max_actors", "ray.data_cpus", "ray.materialize_max_mb",
+    "storage.root", "storage.cache_mb",
     "mlflow.experiment", "mlflow.tracking_uri",
     "download.cache", "download.keep_archives", "download.retries", "download.timeout",
 )
@@ -34,8 +43,22 @@ class ParamsError(ValueError):
     pass
 
 
+EXTENDS_KEY = "extends"  # overlay: the params file it changes
+REPLACE_KEY = "replace"  # overlay: dotted keys of mappings its values replace whole instead of merging
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """The params of `path`, an overlay merged over its base(s); `__file__` names `path`."""
     path = Path(path)
+    data = resolve_overlay(path)
+    data["__file__"] = str(path)
+    if os.environ.get(READS_ENV):
+        return _recorded(data, os.environ[READS_ENV])
+    return data
+
+
+def read_mapping(path: Path) -> dict[str, Any]:
+    """One params file as written (no overlay resolved), checked to be a YAML mapping."""
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
@@ -44,10 +67,62 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         raise ParamsError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    data["__file__"] = str(path)
-    if os.environ.get(READS_ENV):
-        return _recorded(data, os.environ[READS_ENV])
     return data
+
+
+def overlay_chain(path: str | Path) -> list[Path]:
+    """`path` and the files it extends, nearest first (a plain params file: itself only)."""
+    chain = [Path(path)]
+    while True:
+        data = read_mapping(chain[-1])
+        if EXTENDS_KEY not in data:
+            return chain
+        base = data[EXTENDS_KEY]
+        if not isinstance(base, str) or not base:
+            raise ParamsError(f"{chain[-1]}: {EXTENDS_KEY}: expected the base params file's name, got {base!r}")
+        nxt = chain[-1].parent / base
+        if nxt.resolve() in {p.resolve() for p in chain}:
+            raise ParamsError(f"{chain[-1]}: {EXTENDS_KEY}: {base} closes a loop ({' -> '.join(map(str, chain))})")
+        chain.append(nxt)
+
+
+def resolve_overlay(path: str | Path) -> dict[str, Any]:
+    """The merged params of `path` and the files it extends (`extends`/`replace` removed)."""
+    path = Path(path)
+    data = read_mapping(path)
+    if EXTENDS_KEY not in data:
+        if REPLACE_KEY in data:
+            raise ParamsError(f"{path}: {REPLACE_KEY}: only an overlay (a file with `{EXTENDS_KEY}:`) replaces keys")
+        return data
+    base_file = overlay_chain(path)[1]
+    replace = data.pop(REPLACE_KEY, [])
+    data.pop(EXTENDS_KEY)
+    if not isinstance(replace, list) or not all(isinstance(k, str) for k in replace):
+        raise ParamsError(f"{path}: {REPLACE_KEY}: expected a list of dotted keys, got {replace!r}")
+    for key in replace:
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamsError(f"{path}: {REPLACE_KEY}: {key} is not set in this file")
+            node = node[part]
+    return merge(resolve_overlay(base_file), data, set(replace), f"{path}", f"{base_file}")
+
+
+def merge(base: dict[str, Any], overlay: dict[str, Any], replace: set[str], where: str, base_file: str,
+          prefix: str = "") -> dict[str, Any]:
+    """`base` with `overlay`'s values: mappings key by key, keys in `replace` (dotted) whole."""
+    out = dict(base)
+    for key, value in overlay.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            known = ", ".join(sorted(map(str, base))) if isinstance(base, dict) else ""
+            raise ParamsError(f"{where}: {dotted}: not a key of {base_file} (an overlay only changes existing keys; "
+                              f"list a mapping under `{REPLACE_KEY}:` to replace it whole). Known here: {known}")
+        if dotted not in replace and isinstance(value, dict) and isinstance(base[key], dict):
+            out[key] = merge(base[key], value, replace, where, base_file, f"{dotted}.")
+        else:
+            out[key] = value
+    return out
 
 
 # ----------------------------------------------------------------------------- which keys a stage reads

@@ -34,6 +34,7 @@ class StorageParams:
     """params section `storage`."""
 
     root: str = ""  # "" keeps every artefact on this machine (or $STM_STORAGE_ROOT); a cluster: a URI every node reaches
+    cache_mb: float = 0.0  # node-local cache of store files read by workers, per process, in MiB (0: only the files being read)
 
 
 def storage_root(params: dict) -> str:
@@ -171,8 +172,8 @@ def download_dir(uri: str, local: Path) -> Path:
 
 
 def node_cache(uri: str, cache_root: str | None = None) -> Path:
-    """A copy of the folder at `uri` on this node's local disk (Ray workers on nodes that share no
-    disk with the driver read inputs this way). Filled once per node and URI; concurrent callers on
+    """A copy of the whole folder at `uri` on this node's local disk: for small inputs only (training
+    and synthesis read the store file by file: `StoreFile`). Filled once per node and URI; concurrent callers on
     one node wait for the first (a lock file) instead of copying twice."""
     import fcntl
 
@@ -193,6 +194,106 @@ def node_cache(uri: str, cache_root: str | None = None) -> Path:
             download_dir(uri, target)
             done.write_text(f"{uri}\n{time.time()}\n")
     return target
+
+
+class FileCache:
+    """A bounded node-local cache of single store files, one per process (the readers open files by
+    path). `limit_mb` 0 keeps only the few files being read; older files go first. The folder is
+    removed when the process exits, and folders of processes that died are swept at start."""
+
+    KEEP = 8  # files kept whatever the limit: a clip reads a frame and its mask one after the other
+
+    def __init__(self, limit_mb: float = 0.0, root: str | None = None):
+        import atexit
+        from collections import OrderedDict
+
+        base = Path(root or os.environ.get("STM_NODE_CACHE") or Path(tempfile.gettempdir()) / "stm-store-cache")
+        base.mkdir(parents=True, exist_ok=True)
+        for old in base.glob("pid-*"):  # left by a process that was killed
+            try:
+                os.kill(int(old.name[4:]), 0)
+            except (ValueError, ProcessLookupError):
+                shutil.rmtree(old, ignore_errors=True)
+            except PermissionError:
+                pass
+        self.dir = base / f"pid-{os.getpid()}"
+        self.dir.mkdir(exist_ok=True)
+        self.limit = int(limit_mb * 2**20)
+        self.files: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self.fetched = 0  # bytes read from the store
+        atexit.register(shutil.rmtree, self.dir, True)
+
+    def path(self, uri: str) -> Path:
+        if uri in self.files:
+            self.files.move_to_end(uri)
+            return self.files[uri][0]
+        data = read_bytes(uri)
+        self.fetched += len(data)
+        local = self.dir / f"{hashlib.sha256(uri.encode()).hexdigest()[:20]}{Path(uri).suffix}"
+        tmp = local.with_name(local.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, local)
+        self.files[uri] = (local, len(data))
+        total = sum(size for _, size in self.files.values())
+        while len(self.files) > self.KEEP and total > self.limit:
+            _, (old, size) = self.files.popitem(last=False)
+            old.unlink(missing_ok=True)
+            total -= size
+        return local
+
+
+_CACHES: dict[float, FileCache] = {}
+
+
+def file_cache(limit_mb: float = 0.0) -> FileCache:
+    """This process's cache of store files (one per limit)."""
+    if limit_mb not in _CACHES:
+        _CACHES[limit_mb] = FileCache(limit_mb)
+    return _CACHES[limit_mb]
+
+
+class StoreFile(os.PathLike):
+    """A file in the store that readers open by path (`Path(f)`, PIL, numpy): the path is this
+    process's cached copy, fetched when first opened. Has the name parts sorting and matching use."""
+
+    def __init__(self, uri: str, cache_mb: float = 0.0):
+        self.uri, self.cache_mb = uri, cache_mb
+        self.name = uri.rsplit("/", 1)[-1]
+        self.suffix = Path(self.name).suffix
+        self.stem = self.name[: -len(self.suffix)] if self.suffix else self.name
+
+    @property
+    def parent(self) -> StoreFile:
+        return StoreFile(self.uri.rsplit("/", 1)[0], self.cache_mb)
+
+    def __fspath__(self) -> str:
+        return str(file_cache(self.cache_mb).path(self.uri))
+
+    def __repr__(self) -> str:
+        return self.uri
+
+    __str__ = __repr__
+
+
+def object_checksums(uri: str, names: list[str]) -> list[dict]:
+    """Size, Parquet rows and SHA-256 of each object `uri/name`, computed by Ray tasks beside the
+    store (each streams its object; nothing is kept): the manifest DVC tracks instead of the data."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def one(name: str) -> dict:
+        import pyarrow.parquet as pq
+
+        fs, path = filesystem(join(uri, name))
+        h, size = hashlib.sha256(), 0
+        with fs.open_input_stream(path) as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+                size += len(chunk)
+        rows = pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows if name.endswith(".parquet") else None
+        return {"path": name, "size": size, "rows": rows, "sha256": h.hexdigest()}
+
+    return sorted(ray.get([one.remote(n) for n in names]), key=lambda o: o["path"])
 
 
 def local_or_cached(location: str | Path) -> Path:
@@ -229,6 +330,17 @@ def fingerprint(path: Path, limit: int = 50_000) -> str:
     return h.hexdigest()
 
 
+def _store_manifest(local: Path) -> list[dict] | None:
+    """The store objects a synthesised set's local manifest lists, or None for an ordinary folder."""
+    import json
+
+    try:
+        objects = json.loads((local / "_manifest.json").read_text()).get("objects")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return objects or None
+
+
 MIRROR_MARK = "_stm_mirror.json"  # "_" prefix: Parquet readers and the video readers skip it
 
 
@@ -237,6 +349,17 @@ def publish(local: Path, uri: str) -> bool:
     (same fingerprint). -> True when files were copied."""
     import json
 
+    objects = _store_manifest(local)
+    if objects is not None:  # the data live in the store already (synthesised there): check, copy nothing
+        have = {f"{o['path']}": o["size"] for o in objects}
+        fs, base = filesystem(uri)
+        for name, size in have.items():
+            info = fs.get_file_info(f"{base}/{name}")
+            if info.size != size:
+                raise StorageError(f"{local}/_manifest.json lists {join(uri, name)} ({size} bytes) but the store "
+                                   f"has {'no such object' if info.size is None else f'{info.size} bytes'}; "
+                                   "run `stm synthesize` again")
+        return False
     mark = join(uri, MIRROR_MARK)
     want = fingerprint(local)
     try:

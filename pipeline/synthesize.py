@@ -29,12 +29,15 @@ from stm_core.data.io import DataError
 from stm_core.data.synth import SynthConfig, default_clip_affine, default_frame_affine, default_object_affine
 
 log = logging.getLogger("pipeline.synthesize")
+VAL_DIR = "_val"  # a set's validation clips: <set>/_val/*.parquet (Parquet readers skip "_" folders)
 
 
 @dataclass
 class ClipSetParams:
     frames: int = 3  # frames per clip
     clips: int = 1000  # clips in the set
+    sources: list[str] | None = None  # its static sets (null: synthesize.sources)
+    val_clips: int = 0  # validation clips from held-out images (val_share), in <set>/_val (0: none, all images train)
 
 
 def _default_sets() -> dict[str, ClipSetParams]:
@@ -63,13 +66,17 @@ class SynthesizeParams:
     image_format: Literal["jpeg", "png"] = "jpeg"  # frame encoding in the shards (masks: palette PNG)
     jpeg_quality: int = 90  # JPEG quality when image_format is jpeg
     clips_per_shard: int = 250  # rows per Parquet file
-    num_actors: int | None = None  # clip-making actors (null: one per CPU Ray has, at most one per shard)
+    num_actors: int | None = None  # clip-making actors at most (null: one per shard)
+    min_actors: int = 1  # clip-making actors at least; Ray Data grows the pool to num_actors as CPUs free up
+    mode: Literal["paste", "affine"] = "paste"  # paste: objects of several images layered | affine: one image (STM)
+    val_share: float = 0.0  # share of images held out of sets with val_clips > 0, for their validation clips
 
-    def synth_config(self, n_frames: int) -> SynthConfig:
+    def synth_config(self, n_frames: int, split: str = "all") -> SynthConfig:
         return SynthConfig(n_frames=n_frames, height=self.height, width=self.width, max_objects=self.max_objects,
                            clip_affine=self.clip_affine, frame_affine=self.frame_affine,
                            object_affine=self.object_affine, object_scale=list(self.object_scale),
-                           clip_jitter=self.clip_jitter, frame_jitter=self.frame_jitter, min_area=self.min_area)
+                           clip_jitter=self.clip_jitter, frame_jitter=self.frame_jitter, min_area=self.min_area,
+                           mode=self.mode, split=split, val_share=self.val_share)  # type: ignore[arg-type]
 
 
 def set_stream(name: str) -> int:
@@ -80,11 +87,17 @@ def set_stream(name: str) -> int:
 class ClipMaker:
     """Ray Data UDF (one per actor): a batch of clip ids -> a pyarrow table of encoded clips."""
 
-    def __init__(self, roots: list[str], cfg: SynthConfig, seed: int, stream: int, image_format: str, quality: int):
+    def __init__(self, roots: list[str], cfg: SynthConfig, seed: int, stream: int, image_format: str, quality: int,
+                 cache_mb: float = 0.0):
+        from pipeline.remote_data import StorePairs
         from pipeline.storage import local_or_cached
         from stm_core.data.images import StaticImageSet
+        from stm_core.data.synth import split_pairs
 
-        self.pairs = StaticImageSet([local_or_cached(r) for r in roots])  # URIs: this node's cached copy
+        # URIs: read from the store image by image as clips need them (no copy of the set on the node)
+        uris = [r for r in roots if storage.is_uri(r)]
+        images = StorePairs(uris, cache_mb) if uris else StaticImageSet([local_or_cached(r) for r in roots])
+        self.pairs = split_pairs(images, cfg.split, cfg.val_share)  # held-out images: validation clips only
         self.cfg, self.seed, self.stream = cfg, seed, stream
         self.image_format, self.quality = image_format, quality
 
@@ -124,29 +137,34 @@ def _shard_names():
 
 
 def synthesize_set(name: str, n_frames: int, clips: int, p: SynthesizeParams, roots: list[Path | str], out_dir: Path,
-                   num_actors: int | None = None, mirror: str | None = None) -> dict:
+                   num_actors: int | None = None, mirror: str | None = None, split: str = "all",
+                   cache_mb: float = 0.0) -> dict:
     """Write one clip set to `out_dir` (replaced atomically). Ray must be initialised.
 
     `roots` may be URIs (actors on any node read them); with `mirror` (a URI) the Ray Data writers
-    write the shards there, and the local `out_dir` (DVC's output) is copied from it."""
+    write the shards there, once: the local `out_dir` (DVC's output) is then only the manifest of
+    those store objects (path, size, rows, SHA-256), which readers take."""
     import ray
     from ray.data import ActorPoolStrategy, SaveMode
 
     shards = max(1, math.ceil(clips / p.clips_per_shard))
-    cpus = int(ray.available_resources().get("CPU", 1)) or 1
-    actors = max(1, min(num_actors or p.num_actors or cpus, shards))
+    # From params, never from the resources alive now: the pool grows from min_actors as nodes join.
+    actors = max(1, min(num_actors or p.num_actors or shards, shards))
+    low = max(1, min(p.min_actors, actors))
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shard k holds clips of block k, written as task k
-    cfg = p.synth_config(n_frames)
+    cfg = p.synth_config(n_frames, split)
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     start = time.perf_counter()
     ds = ray.data.range(clips, override_num_blocks=shards)
     ds = ds.map_batches(
-        ClipMaker, batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=1,
+        ClipMaker, batch_size=None, batch_format="numpy", compute=ActorPoolStrategy(min_size=low, max_size=actors),
+        num_cpus=1,
         fn_constructor_kwargs={"roots": [str(r) for r in roots], "cfg": cfg, "seed": p.seed,
-                               "stream": set_stream(name), "image_format": p.image_format, "quality": p.jpeg_quality},
+                               "stream": set_stream(name), "image_format": p.image_format, "quality": p.jpeg_quality,
+                               "cache_mb": cache_mb},
     )
     # Writes are I/O: no CPU reservation, so they never wait behind the clip actors (2-CPU machines).
     write = {"filename_provider": _shard_names(), "mode": SaveMode.OVERWRITE, "ray_remote_args": {"num_cpus": 0}}
@@ -154,19 +172,22 @@ def synthesize_set(name: str, n_frames: int, clips: int, p: SynthesizeParams, ro
         storage.delete_dir(mirror)
         fs, path = storage.filesystem(mirror)
         ds.write_parquet(path, filesystem=fs, **write)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        storage.download_dir(mirror, tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        objects = storage.object_checksums(mirror, [f for f in storage.list_files(mirror)
+                                                    if f.endswith(".parquet") and "/" not in f])
     else:
         ds.write_parquet(str(tmp), **write)
     seconds = time.perf_counter() - start
-    manifest = {"set": name, "clips": clips, "frames": n_frames, "shards": sorted(f.name for f in tmp.glob("*.parquet")),
+    shards = sorted(o["path"] for o in objects) if mirror else sorted(f.name for f in tmp.glob("*.parquet"))
+    manifest = {"set": name, "clips": clips, "frames": n_frames, "shards": shards,
+                **({"store": mirror, "objects": objects} if mirror else {}),
                 "seed": p.seed, "sources": [str(r).rstrip("/").rsplit("/", 1)[-1] for r in roots],
                 "config": asdict(cfg)}
     # "_" prefix: Parquet readers (pyarrow, Ray Data) skip it when given the folder.
     (tmp / "_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if mirror:
         storage.write_bytes(storage.join(mirror, "_manifest.json"), (tmp / "_manifest.json").read_bytes())
-        storage.write_bytes(storage.join(mirror, storage.MIRROR_MARK),  # the mirror matches the local copy
+        storage.write_bytes(storage.join(mirror, storage.MIRROR_MARK),  # the store holds what the manifest lists
                             json.dumps({"fingerprint": storage.fingerprint(tmp), "source": str(out_dir)}).encode())
     _replace_dir(tmp, out_dir)
     return {"set": name, "clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "actors": actors}
@@ -186,8 +207,22 @@ def resolve(path: str, root: Path) -> Path:
     return p if p.is_absolute() else root / p
 
 
+def set_sources(p: SynthesizeParams, where: str = "synthesize") -> dict[str, list[str]]:
+    """Each clip set's static sets (its own `sources`, else synthesize.sources), checked."""
+    out = {}
+    for name, s in p.sets.items():
+        out[name] = list(s.sources) if s.sources is not None else list(p.sources)
+        if not out[name]:
+            raise DataError(f"{where}.sets.{name}: no sources (set sources, or synthesize.sources)")
+        if s.val_clips > 0 and not 0.0 < p.val_share < 1.0:
+            raise DataError(f"{where}.sets.{name}: val_clips {s.val_clips} needs synthesize.val_share in (0, 1) "
+                            f"(the share of images held out for them), got {p.val_share}")
+    return out
+
+
 def source_roots(p: SynthesizeParams, root: Path) -> list[Path]:
-    roots = [resolve(p.raw_root, root) / s for s in p.sources]
+    names = list(dict.fromkeys([*p.sources, *(n for ns in set_sources(p).values() for n in ns)]))
+    roots = [resolve(p.raw_root, root) / s for s in names]
     for r in roots:
         if not (r / "images").is_dir() or not (r / "masks").is_dir():
             raise DataError(f"{r}: not a static image set (images/ + masks/); run `stm download` with source "
@@ -207,6 +242,7 @@ def run_synthesize(params_file: str | Path, only: list[str] | None = None) -> li
     p = section(params, "synthesize", SynthesizeParams)
     root = workspace_root(params_file)  # inputs and outputs: the temp copy under a queued experiment
     store = storage.storage_root(params)
+    cache = section(params, "storage", storage.StorageParams).cache_mb  # workers' cache of store files
     roots = source_roots(p, root)
     out_root = resolve(p.output, root)
 
@@ -231,15 +267,23 @@ def run_synthesize(params_file: str | Path, only: list[str] | None = None) -> li
         for r, mirror in mirrors.items():
             if mirror and storage.publish(r, mirror):
                 print(f"synthesize: mirrored {r} to {mirror}", file=sys.stderr)
-        sources = [mirrors[r] or r for r in roots]
+        by_name = {r.name: mirrors[r] or r for r in roots}
         for name, s in p.sets.items():
             if only and name not in only:
                 continue
             out = out_root / name
+            sources = [by_name[n] for n in set_sources(p)[name]]
             mirror = storage.remote_mirror(store, root, out)
             print(f"synthesize: {s.clips} clips x {s.frames} frames -> {out}" + (f" (via {mirror})" if mirror else ""),
                   file=sys.stderr)
-            r = synthesize_set(name, s.frames, s.clips, p, sources, out, mirror=mirror)
+            split = "train" if s.val_clips > 0 else "all"
+            r = synthesize_set(name, s.frames, s.clips, p, sources, out, mirror=mirror, split=split, cache_mb=cache)
+            if s.val_clips > 0:  # after the set: replacing <set>/ would remove them. "_": readers skip it
+                val = out / VAL_DIR
+                synthesize_set(f"{name}/val", s.frames, s.val_clips, p, sources, val,
+                               mirror=storage.remote_mirror(store, root, val), split="val", cache_mb=cache)
+                print(f"synthesize: {name}: {s.val_clips} validation clips from held-out images -> {val}",
+                      file=sys.stderr)
             print(f"synthesize: {name}: {r['clips_per_s']:.1f} clips/s on {r['actors']} actors", file=sys.stderr)
             tracking.RunLogger(uri, run_id).metrics({f"{name}.clips": r["clips"], f"{name}.seconds": r["seconds"],
                                                      f"{name}.clips_per_s": r["clips_per_s"]}, step=0)

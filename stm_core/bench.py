@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from stm_core.inference import InferenceCore, memory_bytes, memory_entries
 from stm_core.model.network import STRIDE, ModelConfig, STMNetwork
 from stm_core.model.read import memory_read
+from stm_core.precision import DTYPES, PRECISIONS
 
 
 def _rss_bytes() -> int:
@@ -83,7 +84,7 @@ def bench_video(args: argparse.Namespace) -> dict:
     # A small pool of frames on the device: generating frames is not what we measure.
     pool = torch.rand(min(8, args.frames), 3, args.height, args.width, generator=g).to(device)
     mask = synthetic_mask(args.height, args.width, args.objects, g).to(device)
-    core = InferenceCore(network, args.memory, device=device, amp=args.amp, fast=not args.no_fast)
+    core = InferenceCore(network, args.memory, device=device, precision=args.precision, fast=not args.no_fast)
     timer = Timer(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -115,7 +116,7 @@ def bench_read(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     config = ModelConfig(backbone=args.backbone)
     h, w = -(-args.height // STRIDE), -(-args.width // STRIDE)
-    dtype = torch.bfloat16 if args.amp else torch.float32
+    dtype = DTYPES[args.precision]
     n, lq, lm = args.objects, h * w, args.frames * h * w
     q = torch.randn(n, lq, config.key_dim, device=device, dtype=dtype)
     k = torch.randn(n, lm, config.key_dim, device=device, dtype=dtype)
@@ -150,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=854)
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32: exact, TF32 off | bf16: bf16 autocast (CUDA and CPU)")
     p.add_argument("--channels-last", action="store_true", help="channels-last weights (the fast path does this on GPU)")
     p.add_argument("--no-fast", action="store_true",
                    help="run the network as trained, without InferenceCore's fused fast path (BatchNorm folded, Winograd)")

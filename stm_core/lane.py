@@ -7,6 +7,16 @@ previous frame's mask exists but needs nothing of the next frame. `SideLane` run
 second thread while the caller goes on, each with its share of the torch threads; `synchronize`
 waits for all of it, in the order it was queued, and re-raises the first error.
 
+`Overlap` holds the decisions of what `stm_core.inference.InferenceCore` hands to the lane
+(measured on a 2-core AVX2 VM), each with half the threads:
+- one object's memory encoding of frame t runs beside frame t+1's query encoding (the query side
+  needs only the new frame, the memory side only the previous frame and its mask); the memory read
+  waits for both. With more objects the memory side (one encoder pass per object) outweighs the
+  query side, and it runs with all threads instead;
+- one object's decoder merge blocks (3x3 convs at 1/8 and 1/4 scale, NNPACK's Winograd, which
+  does not scale past one thread here) run in two row bands, one per thread. With several
+  objects one band of O images already keeps NNPACK busy (3 objects: the split was 0.96x).
+
 The operations and their inputs are those of the one-thread order, so results are the same up to
 the kernels' thread-count-dependent rounding (oneDNN, NNPACK's Winograd tiles: ~1e-6 relative).
 """
@@ -19,14 +29,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from stm_core.model.decoder import RowSplit
+from stm_core.model.fast_path import claim_nnpack_threads
+
+ContextFactory = Callable[[], contextlib.AbstractContextManager]
+
 
 class SideLane:
-    def __init__(self, threads: int):  # threads: the caller's torch threads (>= 2), split in two
+    def __init__(self, threads: int, context: ContextFactory = contextlib.nullcontext):
+        # threads: the caller's torch threads (>= 2), split in two. context: entered around each
+        # piece of work on the lane (thread-local state such as autocast does not cross threads).
         if threads < 2:
             raise ValueError(f"a side lane needs 2 or more threads to share, got {threads}")
         self.threads = threads
         self.side_threads = threads // 2
         self.main_threads = threads - self.side_threads
+        self.context = context
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stm-side-lane")
         self._pending: list[Future] = []
 
@@ -42,7 +60,7 @@ class SideLane:
     def _run(self, fn: Callable, *args):
         torch.get_num_threads()  # a thread's first call reads the process-wide count: take it first,
         torch.set_num_threads(self.side_threads)  # then set this thread's own (OpenMP's is per thread)
-        with torch.inference_mode():  # thread-local, like the thread count
+        with torch.inference_mode(), self.context():  # thread-local, like the thread count
             return fn(*args)
 
     def synchronize(self) -> None:
@@ -79,3 +97,61 @@ class SideLane:
     def close(self) -> None:
         self.synchronize()
         self._executor.shutdown()
+
+
+class Overlap:
+    """What of one video's inference runs on a side lane (see the module docstring); off: nothing."""
+
+    def __init__(self, enabled: bool, winograd: bool, context: ContextFactory = contextlib.nullcontext):
+        # winograd: the network runs NNPACK's Winograd convs (CPU fast path), whose pool is sized once
+        self.enabled = enabled
+        self.context = context
+        self._lane: SideLane | None = None  # made at the first frame that uses it (with 2+ threads)
+        if enabled and winograd:
+            threads = torch.get_num_threads()
+            claim_nnpack_threads(threads - threads // 2)  # a lane's share: no oversubscribed cores
+
+    def _lane_for(self, threads: int) -> SideLane | None:
+        """The side lane, made (or remade for a new thread count) if overlap is on and threads >= 2."""
+        if not self.enabled or threads < 2:
+            return None
+        if self._lane is None or self._lane.threads != threads:
+            self.close()
+            self._lane = SideLane(threads, self.context)
+        return self._lane
+
+    @contextlib.contextmanager
+    def beside_memory_encoding(self) -> Iterator[Callable[..., Future] | None]:
+        """For the frame's own work (the query encoding): while the previous frame's memory
+        encoding still runs on the lane, the body gets half the threads and `beside` (queue more
+        of its work on the lane), and the lane is waited for after it; otherwise `None`."""
+        lane = self._lane
+        if lane is not None and lane.busy:
+            with lane.sharing():
+                yield lane.submit
+        else:
+            yield None
+
+    def decoder_split(self, objects: int) -> RowSplit | None:
+        """How the decoder of a group of `objects` splits its merge convs (None: it does not)."""
+        lane = self._lane_for(torch.get_num_threads()) if objects == 1 else None
+        return lane.rows_in_two if lane is not None else None
+
+    def encode_memory(self, objects: int, fn: Callable, *args) -> None:
+        """fn(*args), a memory encoding of `objects` object passes: on the lane (returning at once)
+        for one object, balanced against the next query encoding; here with all threads otherwise."""
+        lane = self._lane_for(torch.get_num_threads()) if objects == 1 else None
+        if lane is None:
+            fn(*args)
+        else:
+            lane.submit(fn, *args)
+
+    def synchronize(self) -> None:
+        """Wait for the lane's work (re-raises its error)."""
+        if self._lane is not None:
+            self._lane.synchronize()
+
+    def close(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None

@@ -1,10 +1,10 @@
 """Segment a folder of frames from its annotated masks with a trained checkpoint.
 
-`stm segment --checkpoint CKPT --frames DIR --masks DIR --out DIR [--memory every:5]`: FRAMES holds
-the video's JPEGs; MASKS holds index PNGs named like the frames, for the first frame and for any
-later frame that introduces objects. OUT receives one palette PNG per frame (pixel value = object id,
+`stm segment --checkpoint CKPT --frames DIR --masks DIR --out DIR [--memory every:5] [--precision fp32]`:
+FRAMES holds the video's JPEGs; MASKS holds index PNGs named like the frames, for the first frame
+and for any later frame that introduces objects. OUT receives one palette PNG per frame (pixel value = object id,
 in the input masks' palette). Two runs give the same masks: the CPU convolution kernels are fixed
-unless `--timed-kernels` lets them be chosen by timing (see `stm_core.model.fuse.set_winograd_mode`).
+unless `--timed-kernels` lets them be chosen by timing (see `stm_core.model.fast_path.set_winograd_mode`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from PIL import Image
 from stm_core.data.io import DAVIS_PALETTE, DataError, read_frame, read_index_mask, write_index_mask
 from stm_core.inference import segment_video
 from stm_core.memory import validate_policy
-from stm_core.model import fuse
+from stm_core.model import fast_path
 from stm_core.model.checkpoint import CheckpointError, load_checkpoint
+from stm_core.precision import PRECISIONS
 
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -57,14 +58,18 @@ def load_annotations(
     return masks, palette or DAVIS_PALETTE
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, frames_required: bool = True) -> None:
+    """frames_required=False: the parser also takes the many-video form (`pipeline.segment`)."""
     parser.add_argument("--checkpoint", help="model.pt written by `stm train` (required)")
-    parser.add_argument("--frames", required=True, type=Path, help="folder of the video's frames (JPEG)")
-    parser.add_argument("--masks", required=True, type=Path, help="folder of index PNGs for annotated frames")
-    parser.add_argument("--out", required=True, type=Path, help="output folder for palette PNGs")
+    parser.add_argument("--frames", required=frames_required, type=Path, help="folder of the video's frames (JPEG)")
+    parser.add_argument("--masks", required=frames_required, type=Path, help="folder of index PNGs for annotated frames")
+    parser.add_argument("--out", required=True, help="output folder for palette PNGs")
     parser.add_argument("--memory", default="every:5", help="memory policy, e.g. every:5, fifo:8, recurrent:5:C")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-size", type=int, default=None, help="longest side the network sees")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32: exact, TF32 off (default; what results are reported in); bf16: bf16 autocast "
+                             "on CUDA or CPU, faster where the hardware has bf16 units")
     parser.add_argument("--resize-masks", action="store_true", help="resize masks whose size differs from the frame")
     parser.add_argument("--timed-kernels", action="store_true",
                         help="CPU: time NNPACK's Winograd against oneDNN per convolution shape and keep the faster "
@@ -74,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.frames is None or args.masks is None:
+        print("stm segment: --frames and --masks name the video to segment", file=sys.stderr)
+        return 2
+    args.out = Path(args.out)
     if not args.checkpoint:
         print("stm segment: --checkpoint is required: segmenting needs trained weights "
               "(train one with `dvc repro` or `stm train`, e.g. models/main/model.pt)", file=sys.stderr)
@@ -87,14 +96,14 @@ def run(args: argparse.Namespace) -> int:
         masks, palette = load_annotations(args.masks, frame_paths, args.resize_masks)
         start = time.perf_counter()
         frames = (read_frame(p) for p in frame_paths)
-        mode = fuse.winograd_mode()
-        fuse.set_winograd_mode("auto" if args.timed_kernels else "off")  # as `evaluate.reproducible`
+        mode = fast_path.winograd_mode()
+        fast_path.set_winograd_mode("auto" if args.timed_kernels else "off")  # as `evaluate.reproducible`
         try:
             for path, ids in zip(frame_paths, segment_video(network, frames, masks, args.memory, args.device,
-                                                            args.max_size)):
+                                                            args.max_size, args.precision)):
                 write_index_mask(args.out / f"{path.stem}.png", ids, palette)
         finally:
-            fuse.set_winograd_mode(mode)
+            fast_path.set_winograd_mode(mode)
         elapsed = time.perf_counter() - start
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as err:
         print(f"stm segment: {err}", file=sys.stderr)

@@ -98,7 +98,7 @@ def read_loss(
 
     Not in either paper. From scratch, at the embedded default's scale, the segmentation loss alone
     trains a read that ignores where the target is (an attention sink: `stm_core.read_probe`); this
-    term makes the memory's content reach the decoder (README, "Measured figures").
+    term makes the memory's content reach the decoder (docs/findings.md).
     """
     num_labels = valid.shape[1] + 1
     size = tuple(query_key.shape[-2:])
@@ -119,6 +119,12 @@ class SegmentOutput(NamedTuple):
     stop: int  # one past its last frame
     logits: torch.Tensor  # B x S x (1+O) x H x W for the segment's predicted frames
     loss: torch.Tensor  # scalar: mean over those frames, with the segment's graph
+
+
+def strmn_segment_count(n_frames: int, segment_length: int) -> int:
+    """How many segments `strmn_segments` yields for a clip of `n_frames` (those that predict a frame)."""
+    return sum(1 for start in range(0, n_frames, segment_length)
+               if max(start, 1) < min(start + segment_length, n_frames))
 
 
 def strmn_segments(

@@ -1,4 +1,4 @@
-"""The hard built-in benchmark (issue 14): events where memory matters, deterministic by seed."""
+"""The hard built-in benchmark: events where memory matters, deterministic by seed."""
 
 from __future__ import annotations
 

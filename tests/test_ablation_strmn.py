@@ -1,4 +1,4 @@
-"""Issue 14: per-rule STRMN training and evaluation, post-processing, similarity / scale params,
+"""Per-rule STRMN training and evaluation, post-processing, similarity / scale params,
 and the report's 'could not differ' notes."""
 
 from __future__ import annotations

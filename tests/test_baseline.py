@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-REFRESH = "refresh it with `stm baseline` (README: Compare experiments with DVC)"
+REFRESH = "refresh it with `stm baseline` (docs/experiments.md)"
 
 
 def lookup(params: dict, key: str):

@@ -60,7 +60,7 @@ def mlflow_server(workdir):
     Tests call wait_ready()."""
     port = lb.free_port()
     env = lb.clean_env(MLFLOW_DATA_DIR=str(workdir / "mlflow"), MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port),
-                       MLFLOW_WORKERS="1", MLFLOW_ALLOWED_HOSTS="127.0.0.1:*,localhost:*")
+                       MLFLOW_WORKERS="1", MLFLOW_ALLOWED_HOSTS="127.0.0.1:*,localhost:*", MLFLOW_AUTH="none")
     procs = lb.Processes(marker=str(workdir / "mlflow"))
     log = workdir / "mlflow-server.log"
     proc = procs.start(["bash", str(REPO / "infra" / "mlflow" / "start-server.sh")], log, env)

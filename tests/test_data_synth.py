@@ -164,3 +164,56 @@ def test_video_sampler_on_sparse_real_video(davis_sample):
     (judo,) = read_davis(davis_sample, split=None, sequences=["judo"])
     clip = VideoClipSampler([judo], VideoSamplerConfig(n_frames=3, height=64, width=64)).sample(clip_rng(0, 0), 25)
     assert set(clip.indices) <= {0, 5, 8, 13}  # only annotated frames are sampled
+
+
+def test_affine_mode_moves_one_image_and_its_own_objects(images):
+    """STM sec. 3.5: every frame is a random affine view of one static image (the paste mode's
+    clips are layers of several images)."""
+    cfg = SynthConfig(n_frames=3, height=48, width=48, max_objects=3, mode="affine")
+    for i in range(12):
+        clip = synthesize_clip(images, cfg, clip_rng(4, i))
+        assert len(clip.sources) == 1 and 1 <= clip.n_objects <= 3
+        assert set(np.unique(clip.masks[0]).tolist()) == set(range(clip.n_objects + 1))
+        assert not np.array_equal(clip.frames[0], clip.frames[2])  # each frame its own transform
+        image, mask = images[clip.sources[0]]
+        assert clip.n_objects <= len([i for i in np.unique(mask) if i])  # only that image's objects
+    a = synthesize_clip(images, cfg, clip_rng(4, 0))
+    np.testing.assert_array_equal(a.frames, synthesize_clip(images, cfg, clip_rng(4, 0)).frames)
+    paste = SynthConfig(n_frames=3, height=48, width=48, max_objects=3)  # the default mode is unchanged
+    assert paste.mode == "paste" and synthesize_clip(images, paste, clip_rng(1, 0)).sources != a.sources
+    with pytest.raises(ValueError, match="mode"):
+        SynthConfig(mode="copy")  # type: ignore[arg-type]
+
+
+def test_held_out_images_are_stable_and_disjoint(images):
+    from stm_core.data.synth import split_pairs
+
+    assert split_pairs(images, "all", 0.3) is images
+    train, val = split_pairs(images, "train", 0.3), split_pairs(images, "val", 0.3)
+    assert len(train) + len(val) == len(images) and len(val) >= 1 and len(train) >= 1
+    assert not set(train.indices) & set(val.indices)
+    assert split_pairs(images, "val", 0.3).indices == val.indices  # by name: the same every time
+    cfg = SynthConfig(n_frames=3, height=32, width=32, mode="affine", split="val", val_share=0.3)
+    for i in range(5):  # val clips draw from held-out images only
+        clip = synthesize_clip(val, cfg, clip_rng(0, i))
+        assert val.indices[clip.sources[0]] in val.indices
+    with pytest.raises(ValueError, match="val_share"):
+        SynthConfig(split="val", val_share=0.0)
+
+
+def test_short_videos_are_dropped_or_played_back_and_forth(videos_root):
+    from stm_core.data.sampler import pingpong_positions, short_videos
+
+    videos = read_davis(videos_root, "train")  # 8 annotated frames each
+    assert short_videos(videos, 10) == ["train-000", "train-001"] and short_videos(videos, 8) == []
+    with pytest.raises(ValueError, match="annotated frames"):
+        VideoClipSampler(videos, VideoSamplerConfig(n_frames=10))  # drop (the default): none left
+    sampler = VideoClipSampler(videos, VideoSamplerConfig(n_frames=20, height=32, width=32, short_videos="repeat"))
+    assert sampler.short == ["train-000", "train-001"] and len(sampler.videos) == 2
+    clip = sampler.sample(clip_rng(0, 1), 0)
+    assert clip.frames.shape == (20, 32, 32, 3) and set(clip.indices) <= set(range(8))
+    assert all(abs(b - a) == 1 for a, b in zip(clip.indices, clip.indices[1:]))  # continuous motion
+    rng = np.random.default_rng(0)
+    pos = pingpong_positions(3, 7, rng)
+    assert len(pos) == 7 and set(pos) <= {0, 1, 2} and all(abs(b - a) == 1 for a, b in zip(pos, pos[1:]))
+    assert pingpong_positions(1, 4, rng) == [0, 0, 0, 0]

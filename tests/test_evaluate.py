@@ -27,7 +27,8 @@ from pipeline.evaluate.variants import MemoryParams, parse_variants
 from pipeline.evaluate.worker import SequenceResult, copy_first, given_masks
 from pipeline.params import ParamsError, section
 from stm_core.data.io import index_mask_png, write_image, write_index_mask
-from stm_core.metrics import evaluate_sequence, score_folders
+from stm_core.scoring.folders import score_folders
+from stm_core.scoring.sequences import evaluate_sequence
 
 HAS_STRMN = importlib.util.find_spec("stm_core.model.fusion") is not None and \
     importlib.util.find_spec("stm_core.memory.recurrent") is not None
@@ -254,14 +255,9 @@ def test_report_reads_only_the_evaluation_outputs(tmp_path, capsys):
 
 
 def test_report_tables_follow_the_papers_layout():
-    from pipeline.report.ablation import (
-        STM_DAVIS_ONLY,
-        STM_WITH_YOUTUBE,
-        Row,
-        stm_table,
-        strmn_table,
-        training_note,
-    )
+    from pipeline.report.paper import STM_DAVIS_ONLY, STM_WITH_YOUTUBE, training_note
+    from pipeline.report.rows import Row
+    from pipeline.report.tables import stm_table, strmn_table
 
     def row(name, model, policy, jf, data="synthetic clips from static images + davis videos data/raw/davis"):
         family = policy.split(":")[0]
@@ -292,7 +288,8 @@ def test_report_tables_follow_the_papers_layout():
 
 
 def test_oracle_rows_sit_beside_their_plain_twin_not_in_the_paper_tables():
-    from pipeline.report.ablation import Row, oracle_table, stm_table
+    from pipeline.report.rows import Row
+    from pipeline.report.tables import oracle_table, stm_table
 
     def row(name, policy, jf, oracle=False):
         metrics = dict.fromkeys(METRICS, 0.5)
@@ -311,8 +308,8 @@ def test_oracle_rows_sit_beside_their_plain_twin_not_in_the_paper_tables():
 
 
 def test_per_sequence_table_names_policies_whose_difference_changes_sign(tmp_path):
-    from pipeline.report.ablation import per_sequence_table
     from pipeline.report.per_sequence import read_sequence_scores
+    from pipeline.report.tables import per_sequence_table
 
     rows = {"stm-first": [("a", 0.50), ("b", 0.70), ("c", 0.10)],
             "stm-every-5": [("a", 0.56), ("b", 0.61), ("c", 0.10)],  # up on a, down on b: no ranking
@@ -618,13 +615,13 @@ def test_a_reproducible_evaluation_fixes_the_convolution_kernels():
     """evaluate.reproducible (the default) turns off the timed Winograd choice in each worker process."""
     from pipeline.evaluate.stage import EvaluateParams
     from pipeline.evaluate.worker import EvaluationWorker
-    from stm_core.model import fuse
+    from stm_core.model import fast_path
 
     assert EvaluateParams().reproducible
     try:
         EvaluationWorker("cpu", None, None, 1)
-        assert fuse.winograd_mode() == "off"
+        assert fast_path.winograd_mode() == "off"
         EvaluationWorker("cpu", None, None, 1, reproducible=False)
-        assert fuse.winograd_mode() == "auto"
+        assert fast_path.winograd_mode() == "auto"
     finally:
-        fuse.set_winograd_mode("auto")
+        fast_path.set_winograd_mode("auto")

@@ -98,11 +98,11 @@ def test_stm_segment_end_to_end_on_car_shadow(tmp_path: Path, davis_sample: Path
     """Palette PNGs for every frame, the annotation exact, and fixed CPU kernels while segmenting
     (reproducible runs) unless --timed-kernels; the process's kernel mode is restored after."""
     import stm_core.segment as segment
-    from stm_core.model import fuse
+    from stm_core.model import fast_path
 
     modes = []
     run_video = segment.segment_video
-    monkeypatch.setattr(segment, "segment_video", lambda *a, **k: (modes.append(fuse.winograd_mode()),
+    monkeypatch.setattr(segment, "segment_video", lambda *a, **k: (modes.append(fast_path.winograd_mode()),
                                                                    run_video(*a, **k))[1])
     frames_src = davis_sample / "JPEGImages/480p/car-shadow"
     frames = tmp_path / "frames"
@@ -127,7 +127,7 @@ def test_stm_segment_end_to_end_on_car_shadow(tmp_path: Path, davis_sample: Path
     assert np.array_equal(np.asarray(Image.open(written[0])), read_index_mask(masks / "00000.png"))
     assert stm(["segment", "--checkpoint", str(ckpt), "--frames", str(frames), "--masks", str(masks),
                 "--out", str(tmp_path / "timed"), "--max-size", "64", "--timed-kernels"]) == 0
-    assert modes == ["off", "auto"] and fuse.winograd_mode() == "auto"
+    assert modes == ["off", "auto"] and fast_path.winograd_mode() == "auto"
 
 
 def test_stm_segment_refuses_without_checkpoint(tmp_path: Path, capsys):
@@ -222,7 +222,7 @@ def test_memory_encoding_beside_the_next_query_computes_the_same(network: STMNet
             assert len(threads) == 8
             lane_calls = sum(name.startswith("stm-side-lane") for name in threads)
             assert lane_calls == (8 if overlap and on_lane else 0), threads
-            assert (core._lane is not None) == (overlap and on_lane)  # several objects: all threads, in turn
+            assert (core._lanes._lane is not None) == (overlap and on_lane)  # several objects: all threads, in turn
             core.close()
         for a, b in zip(outs[False], outs[True]):
             assert (a - b).abs().max() <= 1e-5
@@ -264,3 +264,13 @@ def test_oracle_memory_memorises_the_truth_and_returns_the_prediction(network: S
     assert torch.equal(oracle_encodings[1][0, 0], (truth == 3).float())  # object 3 exactly as the truth
     assert oracle_encodings[1][0, 0, 5, 5] == 0  # untracked id 9 is not object 3
     assert not torch.equal(memorised[2][0, 0], (truth == 3).float())  # the plain core memorised its prediction
+
+
+def test_probabilities_to_mask_is_argmax_with_ties_to_the_first_object():
+    from stm_core.inference import probabilities_to_mask
+
+    torch.manual_seed(0)
+    probs = torch.randint(0, 3, (4, 40, 50)).float()  # many exact ties
+    ids = [3, 5, 9]
+    expected = torch.tensor([0, *ids], dtype=torch.uint8)[probs.argmax(dim=0)]
+    assert torch.equal(probabilities_to_mask(probs, ids), expected)

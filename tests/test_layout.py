@@ -84,3 +84,57 @@ def test_dvc_deps_name_files_that_exist() -> None:
             if "${" in dep or not dep.startswith(("pipeline", "stm_core")):
                 continue
             assert (ROOT / dep).exists(), f"dvc.yaml stage {name}: dependency {dep} does not exist"
+
+
+# The README's layout section: a tree of folders (`name/`) and files (`name.py`). A folder's line may
+# list its files after the name; lines indented to the description column continue the line above.
+DESCRIPTION_COLUMN = 20
+
+
+def readme_layout() -> set[str]:
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Layout\s*$(.*?)(?=^## |\Z)", text, re.S | re.M).group(1)
+    block = re.search(r"```\n(.*?)```", section, re.S).group(1)
+    named: set[str] = set()
+    stack: list[tuple[int, str]] = []  # (indent, folder path) of the open folders
+    context = ""  # the folder a continuation line belongs to
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent >= DESCRIPTION_COLUMN:  # continues the folder line above
+            named |= {context + n for n in re.findall(r"\b[\w]+\.py\b", line)}
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1] if stack else ""
+        token, rest = (line.split(None, 1) + [""])[:2]
+        if token.endswith("/"):
+            context = parent + token
+            stack.append((indent, context))
+            named |= {context + n for n in re.findall(r"\b[\w]+\.py\b", rest)}
+        elif token.endswith(".py"):
+            named.add(parent + token)
+            context = parent
+    return named
+
+
+def test_readme_layout_names_every_module() -> None:
+    named = readme_layout()
+    modules = {str(p.relative_to(ROOT)) for package in ("stm_core", "pipeline")
+               for p in (ROOT / package).rglob("*.py") if p.name != "__init__.py"}
+    missing = sorted(modules - named)
+    assert not missing, f"README.md, ## Layout: modules not listed: {missing}"
+    stale = sorted(n for n in named if n.startswith(("stm_core/", "pipeline/")) and n not in modules)
+    assert not stale, f"README.md, ## Layout: lists modules that do not exist: {stale}"
+
+
+def test_the_layout_reader_places_files_in_their_folders(tmp_path, monkeypatch) -> None:
+    readme = "# x\n\n## Layout\n\n```\npkg/\n  sub/       a.py (one), b.py\n" + " " * 22 + "c.py\n  d.py  top\n```\n"
+    (tmp_path / "README.md").write_text(readme)
+    import test_layout
+
+    monkeypatch.setattr(test_layout, "ROOT", tmp_path)
+    assert test_layout.readme_layout() == {"pkg/sub/a.py", "pkg/sub/b.py", "pkg/sub/c.py", "pkg/d.py"}

@@ -15,7 +15,9 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 from skimage.morphology import disk
 
-from stm_core.measures import (
+from stm_core.scoring.folders import evaluate_folder, score_folders
+from stm_core.scoring.masks import MetricError, read_index_mask
+from stm_core.scoring.measures import (
     bound_pixels,
     boundary_f,
     decay_bins,
@@ -24,17 +26,7 @@ from stm_core.measures import (
     seg2bmap,
     statistics,
 )
-from stm_core.metrics import (
-    KEYS,
-    MetricError,
-    evaluate_folder,
-    evaluate_sequence,
-    read_index_mask,
-    score_folders,
-    score_objects,
-    score_sequences,
-    summarize,
-)
+from stm_core.scoring.sequences import KEYS, evaluate_sequence, score_objects, score_sequences, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"
@@ -366,5 +358,5 @@ def test_cli_bad_input_exits_nonzero_without_traceback(two_dirs, tmp_path, capsy
 
 
 def test_metrics_import_needs_no_ray():
-    code = "import sys, stm_core.metrics; assert 'ray' not in sys.modules and 'mlflow' not in sys.modules"
+    code = "import sys, stm_core.scoring.cli; assert 'ray' not in sys.modules and 'mlflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

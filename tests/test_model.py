@@ -145,55 +145,55 @@ def test_fused_for_inference_computes_the_same_and_leaves_the_network_alone(tmp_
 
 @pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="this torch build has no NNPACK")
 def test_winograd_conv_times_both_kernels_once_per_shape_and_computes_the_conv():
-    from stm_core.model import fuse
+    from stm_core.model import fast_path
 
     conv = torch.nn.Conv2d(8, 16, 3, padding=1)
-    fuse.winograd_convs_(conv)
-    assert type(conv) is fuse.WinogradConv2d
+    fast_path.winograd_convs_(conv)
+    assert type(conv) is fast_path.WinogradConv2d
     x = torch.rand(2, 8, 20, 24)
     key = ((2, 8, 20, 24), (16, 8, 3, 3), torch.get_num_threads())
-    fuse._WINOGRAD_FASTER.pop(key, None)
+    fast_path._WINOGRAD_FASTER.pop(key, None)
     with torch.no_grad():
         out = conv(x)
-        assert key in fuse._WINOGRAD_FASTER  # decided once, then reused
-        fuse._WINOGRAD_FASTER[key] = not fuse._WINOGRAD_FASTER[key]  # the other kernel
+        assert key in fast_path._WINOGRAD_FASTER  # decided once, then reused
+        fast_path._WINOGRAD_FASTER[key] = not fast_path._WINOGRAD_FASTER[key]  # the other kernel
         other = conv(x)
     expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
     for y in (out, other):
         assert (y - expected).abs().max() <= 1e-4 * expected.abs().max()
-    fuse._WINOGRAD_FASTER.pop(key)
+    fast_path._WINOGRAD_FASTER.pop(key)
 
 
 def test_winograd_off_runs_the_plain_convolution_and_times_nothing():
     """A reproducible run: with the mode "off" no kernel is timed or chosen, the output is oneDNN's."""
-    from stm_core.model import fuse
+    from stm_core.model import fast_path
 
     conv = torch.nn.Conv2d(16, 16, 3, padding=1).requires_grad_(False)
-    fuse.winograd_convs_(conv)
+    fast_path.winograd_convs_(conv)
     x = torch.randn(1, 16, 40, 40)
-    fuse._WINOGRAD_FASTER.clear()
+    fast_path._WINOGRAD_FASTER.clear()
     try:
-        fuse.set_winograd_mode("off")
+        fast_path.set_winograd_mode("off")
         assert torch.equal(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
-        assert not fuse._WINOGRAD_FASTER
-        fuse.set_winograd_mode("auto")
+        assert not fast_path._WINOGRAD_FASTER
+        fast_path.set_winograd_mode("auto")
         conv(x)
-        assert fuse._WINOGRAD_FASTER or not torch.backends.nnpack.is_available()
+        assert fast_path._WINOGRAD_FASTER or not torch.backends.nnpack.is_available()
     finally:
-        fuse.set_winograd_mode("auto")
+        fast_path.set_winograd_mode("auto")
     with pytest.raises(ValueError, match="unknown Winograd mode 'fast'"):
-        fuse.set_winograd_mode("fast")
+        fast_path.set_winograd_mode("fast")
 
 
 @pytest.mark.parametrize("size", [(120, 216), (37, 50), (1, 2)])
 def test_stem_max_pool_after_relu_equals_max_pool2d(size):
     """The separable max-pool is exact for inputs >= 0 (even, odd and tiny maps), and the fused
     network uses it in both stems (after their ReLU)."""
-    from stm_core.model import fuse
+    from stm_core.model import fast_path
 
     x = torch.relu(torch.randn(2, 4, *size))
-    assert torch.equal(fuse.MaxPoolAfterReLU()(x), torch.nn.functional.max_pool2d(x, 3, 2, 1))
+    assert torch.equal(fast_path.MaxPoolAfterReLU()(x), torch.nn.functional.max_pool2d(x, 3, 2, 1))
     fused = STMNetwork(ModelConfig()).fused_for_inference()
-    assert isinstance(fused.query_encoder.stem[-1], fuse.MaxPoolAfterReLU)
-    assert isinstance(fused.memory_encoder.stem_rest[-1], fuse.MaxPoolAfterReLU)
-    assert fuse.stem_maxpools_(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.MaxPool2d(3, 2, 1))) == 0
+    assert isinstance(fused.query_encoder.stem[-1], fast_path.MaxPoolAfterReLU)
+    assert isinstance(fused.memory_encoder.stem_rest[-1], fast_path.MaxPoolAfterReLU)
+    assert fast_path.stem_maxpools_(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.MaxPool2d(3, 2, 1))) == 0

@@ -1,4 +1,5 @@
-"""params.yaml and params-paper.yaml: every key a user may set exists, parses, and is commented."""
+"""params.yaml and params-paper.yaml: every key a user may set exists, parses, and is commented;
+params-paper.yaml is an overlay of only what differs, and `stm recipe` writes it merged."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_every_section_parses(name: str):
 
 @pytest.mark.parametrize("name", FILES)
 def test_every_settable_key_is_present(name: str):
-    raw = yaml.safe_load((REPO / name).read_text())
+    raw = load_params(REPO / name)  # the overlay merged over params.yaml
     for key, cls in SECTIONS.items():
         assert key in raw, f"{name}: section {key} missing"
         declared = {f.name for f in dataclasses.fields(cls)} - {"kind"}  # kind is set by --model
@@ -58,3 +59,67 @@ def test_unknown_keys_are_errors_naming_the_file(tmp_path: Path):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError, match=r"params.yaml: memory: unknown key\(s\) \['slot'\]"):
         section(load_params(tmp_path / "params.yaml"), "memory", MemoryParams)
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+def test_the_paper_recipe_holds_only_differences():
+    overlay = yaml.safe_load((REPO / "params-paper.yaml").read_text())
+    assert overlay.pop("extends") == "params.yaml"
+    replaced = overlay.pop("replace")
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    same = []
+    for key, value in _leaves(overlay):
+        if any(key == r or key.startswith(r + ".") for r in replaced):
+            continue
+        node = base
+        for part in key.split("."):
+            node = node[part]
+        if node == value:
+            same.append(key)
+    assert not same, f"params-paper.yaml repeats params.yaml's values: {same}"
+    assert set(load_params(REPO / "params-paper.yaml")["download"]["sources"]) == set(overlay["download"]["sources"])
+
+
+def test_overlay_errors_name_the_file_and_key(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    bad = tmp_path / "over.yaml"
+    bad.write_text("extends: params.yaml\nmemory:\n  slot: 5\n")
+    with pytest.raises(ParamsError, match=r"over.yaml: memory.slot: not a key of .*params.yaml"):
+        load_params(bad)
+    bad.write_text("extends: params.yaml\nreplace: [memory]\ntrain: {steps: 3}\n")
+    with pytest.raises(ParamsError, match=r"over.yaml: replace: memory is not set in this file"):
+        load_params(bad)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ParamsError, match="closes a loop"):
+        load_params(tmp_path / "a.yaml")
+    good = tmp_path / "good.yaml"  # a chain: good -> paper -> params; mappings merge, lists and `replace` replace
+    (tmp_path / "paper.yaml").write_text((REPO / "params-paper.yaml").read_text())
+    good.write_text("extends: paper.yaml\nreplace: [download.sources]\ndownload:\n  sources: {builtin-images: {count: 4}}\n"
+                    "memory: {rules: [C]}\ntrain: {steps: 3}\n")
+    p = load_params(good)
+    assert p["download"]["sources"] == {"builtin-images": {"count": 4}}
+    assert p["memory"]["rules"] == ["C"] and p["memory"]["slots"] == 5 and p["train"]["steps"] == 3
+    assert p["train"]["lr"] == 1e-5 and p["train"]["batch_size"] == 4 and p["__file__"] == str(good)
+
+
+def test_recipe_writes_the_merged_params_and_never_builds_on_its_own_output(tmp_path: Path):
+    from pipeline.recipe import write_recipe
+
+    for name in FILES:
+        (tmp_path / name).write_text((REPO / name).read_text())
+    write_recipe(tmp_path / "params-paper.yaml", tmp_path / "params.yaml")
+    full, merged = load_params(tmp_path / "params.yaml"), load_params(REPO / "params-paper.yaml")
+    assert {k: v for k, v in full.items() if k != "__file__"} == {k: v for k, v in merged.items() if k != "__file__"}
+    assert settings(tmp_path / "params.yaml", "pretrain", "strmn").stage_params.lr_schedule == "plateau"
+    before = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(ParamsError, match="written by `stm recipe`.*git checkout params.yaml"):
+        write_recipe(tmp_path / "params-paper.yaml", tmp_path / "params.yaml")
+    assert (tmp_path / "params.yaml").read_text() == before

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.evaluate.probe import probe_record, write_probe
-from pipeline.report import read_probe as report_probe
+from pipeline.report import probe_section as report_probe
 from stm_core.read_probe import (
     ProbeTotals,
     label_shares,

@@ -1,4 +1,5 @@
-"""The README's Quick start is how every user and CI begins: two lines, and .ci/run runs the same."""
+"""The README is for users: its Quick start is how every user and CI begins (two lines, and .ci/run runs the
+same), it stays short, and its commands and links are real."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def test_official_weights_section_uses_real_commands_and_params():
 
     from pipeline.cli import build_parser
 
-    text = (REPO / "README.md").read_text()
-    section = re.search(r"^## Use the official STM weights\s*$(.*?)(?=^## )", text, re.S | re.M).group(1)
+    text = (REPO / "docs" / "official-weights.md").read_text()
+    section = re.search(r"^## Commands\s*$(.*?)(?=^## )", text, re.S | re.M).group(1)
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
     lines = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
     stm_lines = [shlex.split(line)[1:] for line in lines if line.startswith("stm ")]
@@ -48,3 +49,47 @@ def test_official_weights_section_uses_real_commands_and_params():
     for assignment in re.findall(r"-S '?([\w.]+)=", exp):
         section_name, key = assignment.split(".")
         assert key in params[section_name], assignment
+
+
+def test_readme_is_short_and_links_only_pages_that_exist():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    assert "docs/reference.md" in links and "LICENSE" in links
+    for link in links:
+        if not link.startswith("http"):
+            assert (REPO / link).exists(), f"README links {link}, which does not exist"
+
+
+def test_readme_everyday_commands_parse_with_the_real_parser():
+    import shlex
+
+    from pipeline.cli import COMMANDS, build_parser
+
+    text = (REPO / "README.md").read_text()
+    lines = [line.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.replace("\\\n", " ").splitlines()]  # continued lines joined
+    lines = [line.split(" -- ", 1)[1] if " -- stm " in line else line for line in lines]  # ray job submit ... --
+    stm_lines = [shlex.split(line)[1:] for line in lines if line.startswith("stm ")]
+    assert len(stm_lines) >= 5
+    for argv in stm_lines:
+        assert argv[0] in COMMANDS, argv
+        build_parser(only=argv[0]).parse_args(argv)
+
+
+def test_docs_link_only_pages_that_exist():
+    for page in sorted((REPO / "docs").glob("*.md")):
+        for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if not link.startswith(("http", "mailto:")):
+                assert (page.parent / link).exists(), f"{page.name} links {link}, which does not exist"
+
+
+def test_results_page_shows_the_committed_baseline():
+    import json
+
+    summary = json.loads((REPO / "metrics" / "summary.json").read_text())["JF"]
+    text = (REPO / "docs" / "results.md").read_text()
+    shown = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| [^|]+ \| `([\w-]+)` \| ([\d.]+) \|", text, re.M)}
+    assert set(shown) == set(summary), "docs/results.md: variants differ from metrics/summary.json"
+    for variant, jf in summary.items():
+        assert shown[variant] == jf, f"docs/results.md: {variant} J&F {shown[variant]}, metrics/summary.json {jf}"

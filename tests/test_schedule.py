@@ -23,6 +23,9 @@ def test_rate_drops_tenfold_each_time_the_error_does_not_decrease():
     assert restored == p
     with pytest.raises(ValueError, match="finite"):
         p.update(float("nan"))
+    floored = Plateau(min_scale=0.01)  # never below the floor, however long the plateau
+    assert [floored.update(e) for e in (1.0, 1.0, 1.0, 1.0)] == pytest.approx([1, 0.1, 0.01, 0.01])
+    assert floored.drops == 2
 
 
 def test_holdout_only_for_plateau_stages_and_never_everything():
@@ -33,16 +36,37 @@ def test_holdout_only_for_plateau_stages_and_never_everything():
         split_holdout(list("ab"), 2)
 
 
-def test_paper_recipe_fine_tunes_strmn_on_a_plateau_and_rejects_parquet_plateaus(tmp_path: Path):
-    s = settings(REPO / "params-paper.yaml", "main", "strmn", "C")
-    assert (s.stage_params.lr, s.stage_params.lr_schedule, s.strmn.slots) == (1e-4, "plateau", 5)
-    assert s.stage_params.val_holdout > 0 and s.strmn.continuous and s.stage_params.max_skip == 0
-    assert (s.strmn.main_frames, s.strmn.segment_length, s.model.norm) == (50, 10, "group")
-    text = (REPO / "params.yaml").read_text().replace(
-        "  lr_schedule: constant  # constant (the paper)", "  lr_schedule: plateau  # constant (the paper)", 1)
-    (tmp_path / "params.yaml").write_text(text)
-    with pytest.raises(ParamsError, match=r"params.yaml: pretrain.*plateau needs held-out videos"):
-        settings(tmp_path / "params.yaml", "pretrain", "stm")
+def test_paper_recipe_pretrains_strmn_on_a_plateau_that_cannot_starve_it(tmp_path: Path):
+    pre = settings(REPO / "params-paper.yaml", "pretrain", "strmn")
+    sp = pre.stage_params
+    assert (sp.lr, sp.lr_schedule, sp.data_format, sp.precision) == (1e-4, "plateau", "parquet", "fp32")
+    assert sp.plateau_patience >= 1 and sp.plateau_min_scale > 0 and sp.steps // sp.val_every >= 10
+    main = settings(REPO / "params-paper.yaml", "main", "strmn", "C")
+    assert (main.stage_params.lr, main.stage_params.lr_schedule, main.strmn.slots) == (1e-4, "constant", 5)
+    assert main.stage_params.val_holdout == 0 and main.strmn.continuous and main.stage_params.max_skip == 0
+    assert (main.strmn.main_frames, main.strmn.segment_length, main.model.norm) == (50, 10, "group")
+    assert main.strmn.short_videos == "repeat"
+    assert settings(REPO / "params-paper.yaml", "pretrain", "stm").stage_params.lr_schedule == "constant"
+
+    def with_pretrain(**values) -> Path:
+        text = (REPO / "params.yaml").read_text()
+        for key, value in values.items():
+            head, tail = text.split("\npretrain:", 1)
+            start = tail.index(f"\n  {key}:")
+            end = tail.index("#", start)
+            tail = f"{tail[:start]}\n  {key}: {value}  {tail[end:]}"
+            text = f"{head}\npretrain:{tail}"
+        (tmp_path / "params.yaml").write_text(text)
+        return tmp_path / "params.yaml"
+
+    with pytest.raises(ParamsError, match=r"params.yaml: pretrain.*val_every >= 1"):
+        settings(with_pretrain(lr_schedule="plateau"), "pretrain", "stm")
+    with pytest.raises(ParamsError, match=r"params.yaml: pretrain.*patience 0 and no floor"):
+        settings(with_pretrain(lr_schedule="plateau", val_every=10), "pretrain", "stm")
+    with pytest.raises(ParamsError, match=r"params.yaml: pretrain.*would never change"):
+        settings(with_pretrain(lr_schedule="plateau", val_every=500, plateau_patience=1), "pretrain", "stm")
+    ok = settings(with_pretrain(lr_schedule="plateau", val_every=10, plateau_min_scale=0.01), "pretrain", "stm")
+    assert ok.stage_params.lr_schedule == "plateau"  # Parquet pretraining validates on the set's _val clips
 
 
 def test_validation_runs_on_held_out_clips_and_is_kept_for_checkpoints(tmp_path: Path):

@@ -14,7 +14,7 @@ import yaml
 from pipeline.params import ParamsError
 from pipeline.train import settings as train_cmd
 from pipeline.train.data import collate, prepare
-from pipeline.train.loop import Unroll, lr_at
+from pipeline.train.step import Unroll, lr_at
 from stm_core.model.network import ModelConfig, STMNetwork
 
 TINY_MODEL = {"backbone": "resnet18", "pretrained": "none", "decoder_dim": 16, "fusion_dim": 8}
@@ -345,7 +345,7 @@ def test_strmn_update_per_clip_or_per_segment(one_thread, update, steps):
     """strmn.update: one Adam step per clip batch, or one per TBPTT segment (6 frames, T = 3: 2)."""
     from contextlib import nullcontext
 
-    from pipeline.train.loop import make_train_step
+    from pipeline.train.step import make_train_step
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -359,7 +359,7 @@ def test_strmn_update_per_clip_or_per_segment(one_thread, update, steps):
     optimizer.step = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     before = [p.detach().clone() for p in net.fusion.h.parameters()]  # the update gate z's CNN
-    step = make_train_step(Unroll(net, tp, strmn), net, optimizer, scaler, nullcontext(), tp, strmn, world=1)
+    step = make_train_step(Unroll(net, tp, strmn), net, optimizer, scaler, nullcontext(), tp, strmn)
     out = step(frames, masks, valid)
     assert len(calls) == steps and torch.isfinite(out.loss) and out.logits.shape[:2] == (2, 5)
     assert any(not torch.equal(b, p) for b, p in zip(before, net.fusion.h.parameters()))
@@ -389,8 +389,10 @@ def test_strmn_rule_stage_trains_with_its_rule_into_its_own_folder(project, ray_
     assert stm("--stage", "main", "--model", "strmn", "--rule", "I2M", "--params", str(params)) == 0
     assert (project / "models/strmn-main/I2M/model.pt").is_file()
     assert not (project / "models/strmn-main/model.pt").exists()
-    assert sorted(json.loads((project / "metrics/train-main-strmn-I2M.json").read_text())) == [
-        "clips_per_s", "final_loss", "steps"]
+    metrics = json.loads((project / "metrics/train-main-strmn-I2M.json").read_text())
+    # a video stage adds how many training videos it has and how many are short (strmn.short_videos)
+    assert sorted(metrics) == ["clips_per_s", "dropped_videos", "final_loss", "short_videos", "steps", "videos"]
+    assert metrics["videos"] == 3 and metrics["dropped_videos"] <= metrics["short_videos"] <= metrics["videos"]
     assert (project / "plots/train-main-strmn-I2M.csv").is_file()
     (run,) = runs(project)
     assert run.info.run_name == "train-strmn-main-I2M" and run.data.params["strmn.rule"] == "I2M"
@@ -463,7 +465,8 @@ def clip_digests(batches) -> list[tuple[int, str]]:
 def test_in_process_shard_gives_the_clips_of_ray_data(project, ray_2cpu):
     """LocalShard (num_workers 0, no Ray) makes the very clips Ray Data makes, videos and Parquet."""
     from pipeline.train.driver import loop_config
-    from pipeline.train.input import LocalShard, build_dataset
+    from pipeline.train.input import build_dataset
+    from pipeline.train.local_shard import LocalShard
 
     params = write_params(project, ray={"num_workers": 0})
     for stage in ("main", "pretrain"):

@@ -19,6 +19,13 @@
 #   MLFLOW_ALLOWED_HOSTS          Host headers to accept (default: MLflow's own, localhost and
 #                                 private IPs; set it when clients use a DNS name such as a k8s Service)
 #   MLFLOW_EXTRA_ARGS             extra `mlflow server` options, word-split
+#   MLFLOW_AUTH                   basic-auth (default): MLflow's basic-auth app, every request needs a
+#                                 user; none: no authentication (a trusted network only)
+#   MLFLOW_AUTH_ADMIN_PASSWORD    the admin's password, set on the first start (from a secret, never
+#                                 in git); clients send MLFLOW_TRACKING_USERNAME / _PASSWORD
+#   MLFLOW_AUTH_ADMIN_USERNAME    default admin
+#   MLFLOW_AUTH_DATABASE_URI      the users' database (default: MLFLOW_BACKEND_STORE_URI, one Postgres)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF key shared by the workers (default: generated, kept in $MLFLOW_DATA_DIR)
 #
 # The server runs in the foreground (a container's main process); background it with nohup
 # on a VM. `--dry-run` prints the command without starting anything.
@@ -44,6 +51,38 @@ cmd=(mlflow server
      --host "$host"
      --port "$port"
      --workers "$workers")
+# The auth config holds no password: MLflow reads MLFLOW_AUTH_ADMIN_PASSWORD from the environment.
+write_auth_config() {
+  mkdir -p "$data_dir"
+  auth_ini="$data_dir/basic_auth.ini"
+  umask 077
+  cat > "$auth_ini.tmp" <<INI
+[mlflow]
+default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-NO_PERMISSIONS}
+database_uri = ${MLFLOW_AUTH_DATABASE_URI:-$backend}
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+  mv "$auth_ini.tmp" "$auth_ini"
+  export MLFLOW_AUTH_CONFIG_PATH="$auth_ini"
+  if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then
+    [[ -s "$data_dir/flask_secret" ]] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$data_dir/flask_secret"
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$data_dir/flask_secret")"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
+  fi
+}
+auth="${MLFLOW_AUTH:-basic-auth}"
+case "$auth" in
+  basic-auth)
+    if [[ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" && "${1:-}" != "--dry-run" ]]; then
+      echo "start-server.sh: MLFLOW_AUTH_ADMIN_PASSWORD is not set (the basic-auth admin's password; or MLFLOW_AUTH=none)" >&2
+      exit 2
+    fi
+    [[ "${1:-}" == "--dry-run" ]] || write_auth_config
+    cmd+=(--app-name basic-auth) ;;
+  none) ;;
+  *) echo "start-server.sh: MLFLOW_AUTH='$auth' (expected basic-auth or none)" >&2; exit 2 ;;
+esac
 if [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]]; then
   cmd+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
 fi

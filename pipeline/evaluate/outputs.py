@@ -28,14 +28,15 @@ from stm_core.data.io import (
     decode_image,
     decode_index_mask_png,
     encode_image,
+    write_json_atomic,
 )
-from stm_core.metrics import KEYS, summarize, write_json_atomic
+from stm_core.scoring.sequences import KEYS, summarize
 
-# stm_core.metrics key -> MLflow / JSON metric name
+# stm_core.scoring.sequences key -> MLflow / JSON metric name
 SCORE_NAMES = {"J&F-Mean": "JF_mean", "J-Mean": "J_mean", "J-Recall": "J_recall", "J-Decay": "J_decay",
                "F-Mean": "F_mean", "F-Recall": "F_recall", "F-Decay": "F_decay"}
 METRICS = (*SCORE_NAMES.values(), "fps", "ms_per_frame", "peak_memory_mb", "memory_entries", "memory_mb")
-# metrics/evaluate.json keeps the list (dvc exp show gets one column per variant x metric)
+# metrics/evaluate.json keeps the scores, speed and memory size (dvc exp show gets one column per variant x metric)
 DVC_METRICS = (*SCORE_NAMES.values(), "fps", "peak_memory_mb", "memory_entries")
 MB = 2 ** 20
 SUMMARY_FILE = "summary.json"  # beside metrics/evaluate.json: the headline `dvc exp show` leads with
@@ -45,7 +46,7 @@ SUMMARY_FILE = "summary.json"  # beside metrics/evaluate.json: the headline `dvc
 class VariantSummary:
     name: str
     metrics: dict[str, float]  # METRICS
-    summary: dict  # stm_core.metrics.summarize output (dataset, per-sequence, per-object scores)
+    summary: dict  # stm_core.scoring.sequences.summarize output (dataset, per-sequence, per-object scores)
     results: list[SequenceResult]  # in sequence order
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stm_core.data.io import atomic_write_bytes
-from stm_core.metrics import write_json_atomic
+from stm_core.data.io import atomic_write_bytes, write_json_atomic
 from stm_core.read_probe import ProbeTotals
 
 JSON_NAME, PICTURE_NAME = "read_probe.json", "read_probe.png"

@@ -36,10 +36,11 @@ from pipeline.evaluate.variants import MemoryParams, Variant, parse_variants
 from pipeline.evaluate.worker import EvaluationWorker, SequencePayload, SequenceResult, sha256
 from pipeline.params import ParamsError, load_params, section
 from pipeline.train.registry import MODEL_INFO
-from stm_core.data.io import DataError
+from stm_core.data.io import DataError, write_json_atomic
 from stm_core.data.video import VideoSequence, read_davis, read_youtube_vos
-from stm_core.metrics import MetricError, write_json_atomic
 from stm_core.model.checkpoint import CheckpointError
+from stm_core.precision import check_precision
+from stm_core.scoring.masks import MetricError
 
 DEFAULT_VARIANTS = ["copy-first", "stm:first", "stm:previous", "stm:first+previous", "stm:every", "stm:fifo", "strmn"]
 TRAIN_HINT = {"stm": "stm train --stage main", "strmn": "stm train --stage main --model strmn"}
@@ -63,6 +64,7 @@ class EvaluateParams:
     num_gpus: float | None = None  # GPUs per evaluation actor; null: 1 on cuda (timed alone), 0 on cpu
     overlays: int = 3  # overlay images per variant logged to MLflow (from the first sequence)
     reproducible: bool = True  # CPU: the same convolution kernels every run (no timed Winograd choice)
+    precision: str = "fp32"  # fp32: exact, TF32 off (the official STM's numbers) | bf16: bf16 autocast, faster
     probe_sequences: int = 3  # sequences on which the STM model's memory read is checked against the ground truth (0: off)
 
     def __post_init__(self):
@@ -74,6 +76,7 @@ class EvaluateParams:
             raise ValueError(f"probe_sequences must be >= 0, got {self.probe_sequences}")
         if self.num_cpus <= 0:
             raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")
+        check_precision(self.precision)
 
 
 class EvaluationError(RuntimeError):
@@ -245,7 +248,8 @@ def run_tasks(variants: list[Variant], videos: list[VideoSequence], models: dict
     actor_cls = ray.remote(EvaluationWorker).options(num_cpus=p.num_cpus, num_gpus=gpus, max_restarts=1,
                                                       max_task_retries=1, scheduling_strategy="SPREAD")
     threads = max(1, round(p.num_cpus))
-    actors = [actor_cls.remote(device, p.max_size, memory.top_k, threads, p.reproducible) for _ in range(n_actors)]
+    actors = [actor_cls.remote(device, p.max_size, memory.top_k, threads, p.reproducible, p.precision)
+              for _ in range(n_actors)]
     model_refs = {kind: (sha256(data), [ray.put(data)]) for kind, (_, data) in models.items()}
     payload_refs: dict[str, object] = {}
     idle = list(actors)

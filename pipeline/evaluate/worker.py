@@ -24,12 +24,13 @@ import torch
 from pipeline.evaluate.variants import COPY_FIRST, Variant
 from stm_core.data.io import DataError, decode_image, decode_index_mask_png, index_mask_png, to_tensor
 from stm_core.inference import InferenceCore, memory_entries, probabilities_to_mask
-from stm_core.metrics import MetricError, SequenceScores, evaluate_sequence
 from stm_core.model.checkpoint import load_checkpoint
-from stm_core.model.fuse import set_winograd_mode
+from stm_core.model.fast_path import set_winograd_mode
 from stm_core.model.network import STMNetwork
 from stm_core.postprocess import remove_far_blobs
 from stm_core.read_probe import heatmap_picture, probe_sequence
+from stm_core.scoring.masks import MetricError
+from stm_core.scoring.sequences import SequenceScores, evaluate_sequence
 
 SIZE_TOLERANCE = 2  # masks this many pixels off their frame's size are resized (as stm_core.data.video)
 
@@ -214,9 +215,9 @@ def copy_first(n_frames: int, given: dict[int, np.ndarray], size: tuple[int, int
 
 def _segment(network: STMNetwork, variant: Variant, payload: SequencePayload, given: dict[int, np.ndarray],
              device: torch.device, max_size: int | None, gt: dict[int, np.ndarray] | None = None,
-             ) -> tuple[list[np.ndarray], float, int, int, int]:
+             precision: str = "fp32") -> tuple[list[np.ndarray], float, int, int, int]:
     """`gt` (oracle variants): frames the policy memorises hold their ground truth where it exists."""
-    core = InferenceCore(network, variant.policy, device=device, max_internal_size=max_size)
+    core = InferenceCore(network, variant.policy, device=device, max_internal_size=max_size, precision=precision)
     probe = PeakMemory(device)
     probe.start()
     seconds = 0.0
@@ -262,7 +263,7 @@ def score(payload: SequencePayload, gt: dict[int, np.ndarray], preds: list[np.nd
 
 
 def run_sequence(variant: Variant, network: STMNetwork | None, payload: SequencePayload,
-                 device: str = "cpu", max_size: int | None = None) -> SequenceResult:
+                 device: str = "cpu", max_size: int | None = None, precision: str = "fp32") -> SequenceResult:
     """Segment, time and score one sequence. `network` is None for copy-first."""
     dev = torch.device(device)
     size = decode_image(payload.frames[0], f"{payload.name}/{payload.frame_names[0]}").shape[:2]
@@ -277,7 +278,8 @@ def run_sequence(variant: Variant, network: STMNetwork | None, payload: Sequence
     else:
         if network is None:
             raise ValueError(f"variant {variant.name} needs a network")
-        preds, seconds, peak, entries, nbytes = _segment(network, variant, payload, given, dev, max_size, gt)
+        preds, seconds, peak, entries, nbytes = _segment(network, variant, payload, given, dev, max_size, gt,
+                                                             precision)
     pngs = [index_mask_png(p) for p in preds]
     # Score exactly what the PNGs hold (the encoding is lossless for uint8 ids).
     scores = score(payload, gt, [decode_index_mask_png(b) for b in pngs])
@@ -325,19 +327,19 @@ class EvaluationWorker:
     for every GPU task), and a sequence is timed with the device to itself."""
 
     def __init__(self, device: str, max_size: int | None, top_k: int | None, threads: int,
-                 reproducible: bool = True):
+                 reproducible: bool = True, precision: str = "fp32"):
         torch.set_num_threads(max(1, threads))
         # Timed kernel choices depend on the machine's load; chained policies turn their rounding
         # differences into different masks, so a reproducible evaluation fixes the kernels.
         set_winograd_mode("off" if reproducible else "auto")
-        self.device, self.max_size, self.top_k = device, max_size, top_k
+        self.device, self.max_size, self.top_k, self.precision = device, max_size, top_k, precision
         self.cache = NetworkCache()
 
     def run(self, variant: Variant, model: tuple[str, list] | None, payload: SequencePayload) -> SequenceResult:
         """`model` is (sha256, [ObjectRef of the checkpoint bytes]): the ref is wrapped in a list so
         Ray does not fetch the bytes when this actor already holds that network."""
         network = self._network(model) if model is not None else None
-        result = run_sequence(variant, network, payload, self.device, self.max_size)
+        result = run_sequence(variant, network, payload, self.device, self.max_size, self.precision)
         import ray
 
         result.node_id = ray.get_runtime_context().get_node_id()  # which node ran it (cluster tests, logs)

@@ -11,7 +11,7 @@ Two kinds of reasons:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from itertools import combinations
 
 SAME_PAIR_RULES = ("A", "C", "D")  # at K = 3 they choose the one pair (2, 3) and fuse 2 into 3
@@ -45,7 +45,7 @@ def construction_notes(rows: Sequence) -> list[str]:
     return notes
 
 
-def identical_notes(rows: Sequence, covered: set[str] = frozenset()) -> list[str]:
+def identical_notes(rows: Sequence, covered: Set[str] = frozenset()) -> list[str]:
     """Notes for pairs of rows with identical scores (not already explained by `covered` rules)."""
     notes = []
     for a, b in combinations([r for r in rows if r.model != "none"], 2):

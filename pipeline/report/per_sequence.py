@@ -7,7 +7,7 @@ the policies whose difference from `First` changes sign from one sequence to ano
 benchmark does not rank those against `First`.
 
 Reads results/<variant>/sequences.csv, which `stm evaluate` writes for every variant; the table
-itself is rendered with the report's others (pipeline/report/ablation.py).
+itself is rendered with the report's others (pipeline/report/tables.py).
 """
 
 from __future__ import annotations

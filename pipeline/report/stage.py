@@ -19,15 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.report import read_probe
-from pipeline.report.ablation import (
-    ReportError,
-    read_record,
-    render_chart,
-    render_markdown,
-    rows_from_outputs,
-)
+from pipeline.report import probe_section
+from pipeline.report.chart import render_chart
+from pipeline.report.markdown import render_markdown
 from pipeline.report.per_sequence import PerSequenceError, read_sequence_scores
+from pipeline.report.rows import ReportError, read_record, rows_from_outputs
 
 
 def read_inputs(evaluation_file: Path, variants_file: Path) -> tuple[dict, str]:
@@ -62,8 +58,8 @@ def report(evaluation_file: Path, variants_file: Path, out: Path, chart: Path) -
     except PerSequenceError as err:
         raise ReportError(str(err)) from err
     try:
-        probe = read_probe.section(evaluation_file.parent, out.parent)
-    except read_probe.ReadProbeError as err:
+        probe = probe_section.section(evaluation_file.parent, out.parent)
+    except probe_section.ReadProbeError as err:
         raise ReportError(str(err)) from err
     render_markdown(out, evaluation, rows, chart, scores, probe)
     render_chart(chart, rows, title=f"{evaluation.get('dataset', '')} ({evaluation.get('split', '')})")

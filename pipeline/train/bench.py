@@ -109,7 +109,7 @@ def real_batches(args, batch: int, crop: int, max_objects: int):
     from pipeline.train.loop import to_training
 
     init_ray()
-    config = {"data": {"kind": "parquet", "path": args.data}, "seed": 0,
+    config = {"data": {"kind": "parquet", "path": args.data}, "seed": 0, "frames": args.frames,
               "train": {"crop": crop, "max_objects": max_objects}}
     steps = args.warmup + args.steps
     ds = build_dataset(config, steps, batch, materialize=False)

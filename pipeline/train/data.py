@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,11 +77,65 @@ def clips_per_second(clips: int, seconds: float) -> float:
 
 
 def open_videos(data: dict) -> list:
-    """The training videos named by the stage's data settings (DAVIS or YouTube-VOS layout)."""
-    from pipeline.storage import local_or_cached
+    """The training videos named by the stage's data settings (DAVIS or YouTube-VOS layout). At a
+    URI: indexed from one listing and read from the store frame by frame (no copy of the set)."""
+    from pipeline.storage import is_uri
     from stm_core.data.video import read_davis, read_youtube_vos
 
-    root = local_or_cached(data["path"])  # a URI: this node's copy of it
+    if is_uri(data["path"]):
+        from pipeline.remote_data import read_davis_at, read_youtube_vos_at
+
+        cache = float(data.get("cache_mb") or 0.0)
+        if data["format"] == "youtube-vos":
+            return read_youtube_vos_at(data["path"], data["split"], cache)
+        return read_davis_at(data["path"], data["split"], cache)
     if data["format"] == "youtube-vos":
-        return read_youtube_vos(root, data["split"])
-    return read_davis(root, data["split"])
+        return read_youtube_vos(data["path"], data["split"])
+    return read_davis(data["path"], data["split"])
+
+
+def holdout(train: dict) -> int:
+    """Videos held out of training: only a plateau stage validates (and so holds any out)."""
+    return int(train.get("val_holdout", 0)) if train.get("lr_schedule") == "plateau" else 0
+
+
+def split_holdout(videos: Sequence, holdout: int) -> tuple[list, list]:
+    """-> (training videos, the last `holdout` videos for validation)."""
+    videos = list(videos)
+    if holdout <= 0:
+        return videos, []
+    if holdout >= len(videos):
+        raise ValueError(f"val_holdout = {holdout} leaves no training video (the split has {len(videos)})")
+    return videos[:-holdout], videos[-holdout:]
+
+
+VIDEO_STREAM = 7_000_003  # clip_rng stream of video clips (synthetic sets use their own)
+
+
+def decode_synthetic(batch: dict[str, Any], crop: int, max_objects: int, seed: int) -> dict[str, np.ndarray]:
+    """map_batches function: Parquet clip rows -> prepared clips (crop to `crop`, flip, relabel)."""
+    from stm_core.data.clips import decode_clip_arrays
+    from stm_core.data.synth import clip_rng
+
+    n = len(batch["clip_id"])
+    clips = []
+    for i in range(n):
+        row = {k: batch[k][i] for k in ("clip_id", "n_frames", "frames", "masks")}
+        rng = clip_rng(seed, int(row["clip_id"]), stream=VIDEO_STREAM + 1)
+        clips.append(prepare(decode_clip_arrays(row), crop, max_objects, rng))
+    return stack(clips, np.full(n, -1, np.int64))
+
+
+class DecodeSynthetic:
+    """decode_synthetic with its settings bound (in-process shards call it)."""
+
+    def __init__(self, crop: int, max_objects: int, seed: int):
+        self.crop, self.max_objects, self.seed = crop, max_objects, seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        return decode_synthetic(batch, self.crop, self.max_objects, self.seed)
+
+
+def stack(clips: list, steps: np.ndarray) -> dict[str, np.ndarray]:
+    return {"frames": np.stack([c[0] for c in clips]), "masks": np.stack([c[1] for c in clips]),
+            "n_objects": np.asarray([int(c[1].max()) for c in clips], np.int64), "step": steps}

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from pipeline import storage, tracking
+from pipeline.runguard import RunLock, Stopped, call_interruptibly
 from pipeline.train import registry
-from pipeline.train.input import LocalShard, build_dataset
+from pipeline.train.input import DatasetFactory
+from pipeline.train.local_shard import LocalShard
 from pipeline.train.loop import METRICS_FILE, STATE_FILE, train_loop
 from pipeline.train.settings import (
     RUN_ID_FILE,
@@ -76,13 +78,16 @@ def loop_config(s: TrainSettings, world: int, init_payload, data_path: str) -> d
     sp = s.stage_params
     per_worker = max(1, s.batch_size // world)
     data = {"kind": "parquet" if sp.data_format == "parquet" else "videos", "path": data_path,
-            "format": sp.data_format, "split": sp.split, "shuffle_buffer": sp.shuffle_buffer}
+            "format": sp.data_format, "split": sp.split, "shuffle_buffer": sp.shuffle_buffer,
+            "short_videos": s.strmn.short_videos}  # videos shorter than a clip: drop | repeat
     # One torch thread per reserved CPU: more threads than cores makes OpenMP spin and crawl.
     # In-process (num_workers 0) the driver's own process trains: it gets this machine's CPUs.
     threads = max(1, int(s.ray.cpus_per_worker)) if s.ray.num_workers > 0 else in_process_threads(s.ray.num_cpus)
     return {"stage": s.stage, "model": s.model.to_dict(), "init": init_payload, "train": dataclasses.asdict(sp),
             "strmn": dataclasses.asdict(s.strmn), "seed": s.seed, "frames": s.frames, "per_worker_batch": per_worker,
-            "data": data, "threads": threads, "mlflow": {"uri": "", "run_id": ""}, "fault": None}
+            "data": {**data, "cache_mb": s.cache_mb}, "threads": threads, "mlflow": {"uri": "", "run_id": ""},
+            "fault": None, "pool": {"min": s.ray.data_min_actors, "max": s.ray.data_max_actors,
+                                    "materialize_max_mb": s.ray.materialize_max_mb}}
 
 
 def init_payload(path: Path | None, kind: str) -> dict | None:
@@ -114,6 +119,7 @@ def training_data(s: TrainSettings) -> str:
 # What metrics/train-*.json keeps for `dvc exp show`: the few numbers a user compares. The full
 # summary (restarts, seconds, batch, ...) goes to the MLflow run as training_summary.json.
 DVC_TRAIN_METRICS = ("final_loss", "clips_per_s", "steps")
+VIDEO_COUNTS = ("videos", "short_videos", "dropped_videos")  # video stages: shorter than a clip, never seen
 
 
 def loss_curve_csv(curve: list) -> bytes:
@@ -126,7 +132,7 @@ def export(result_checkpoint, s: TrainSettings) -> dict:
     """Final checkpoint -> models/.../model.pt (state dict + config, weights_only-safe); returns the
     training summary (its loss curve included)."""
     with result_checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
     network = STMNetwork(ModelConfig(**{**state["model_config"], "pretrained": "none"}))
     network.load_state_dict(state["model"])
@@ -147,8 +153,9 @@ def write_dvc_outputs(s: TrainSettings, summary: dict) -> None:
     from stm_core.data.io import atomic_write_bytes
 
     atomic_write_bytes(s.plot_out, loss_curve_csv(summary.get("curve", [])))
-    atomic_json(s.metrics_out, {k: round(float(summary[k]), 6) if k != "steps" else int(summary[k])
-                                for k in DVC_TRAIN_METRICS})
+    atomic_json(s.metrics_out, {**{k: round(float(summary[k]), 6) if k != "steps" else int(summary[k])
+                                   for k in DVC_TRAIN_METRICS},
+                                **{k: int(summary[k]) for k in VIDEO_COUNTS if k in summary}})
 
 
 def runs_locally(s: TrainSettings) -> bool:
@@ -161,6 +168,21 @@ def runs_locally(s: TrainSettings) -> bool:
 
 # ----------------------------------------------------------------- the stage
 def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
+    sp = s.stage_params
+    data_path, init_path, location = s.data_path(), s.init_path(), s.storage()
+    if data_path is not None and not data_path.exists():  # None: data at a URI, read from there
+        raise FileNotFoundError(f"{data_path}: training data not found (stage {s.stage}, data_format {sp.data_format})")
+    local = runs_locally(s)  # in-process on this machine: Ray Train's local mode, no Ray instance to start
+    name = run_name(s, init_path)
+    lock = RunLock(location, name, f"train --stage {s.stage} --model {s.kind}{' --rule ' + s.rule if s.rule else ''}")
+    lock.acquire()  # one writer per run: a second `stm train` of this run is refused here
+    try:
+        return _train_locked(s, name, local, fresh, fault)
+    finally:
+        lock.release()
+
+
+def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: str) -> int:
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -171,9 +193,6 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
     sp, rp = s.stage_params, s.ray
     data_path, init_path = s.data_path(), s.init_path()
     data_location, location = s.data_location(), s.storage()
-    if not data_path.exists():
-        raise FileNotFoundError(f"{data_path}: training data not found (stage {s.stage}, data_format {sp.data_format})")
-    local = runs_locally(s)  # in-process on this machine: Ray Train's local mode, no Ray instance to start
     uri = tracking.tracking_uri(s.tracking_root, s.mlflow.tracking_uri)
     started_ray = not local and not ray.is_initialized()
     if not local:
@@ -190,7 +209,6 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
         if started_ray:
             shutdown_ray()
         raise
-    name = run_name(s, init_path)
     if fresh:
         remove_storage(location, name)
     params = {"model": s.model.to_dict(), s.stage: dataclasses.asdict(sp), "ray": dataclasses.asdict(rp),
@@ -213,17 +231,31 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
             payload = ray.put(payload)  # workers on other nodes get it from the object store
         config = loop_config(s, world, payload, data_location)
         config["mlflow"] = {"uri": uri, "run_id": run_id}
+        counts = {}
+        if config["data"]["kind"] == "videos":
+            from pipeline.train.schedule import holdout, video_counts
+
+            counts = video_counts(config["data"], s.frames, holdout(config["train"]), s.strmn.short_videos)
+            log.info("[train] %d training videos, %d shorter than %d annotated frames (%s: %d never seen)",
+                     counts["videos"], counts["short_videos"], s.frames, s.strmn.short_videos,
+                     counts["dropped_videos"])
         config["driver_node"] = None if local else ray.get_runtime_context().get_node_id()
         if rp.num_workers == 0:  # in-process: Ray Train does not persist checkpoints, keep them here
             config["local_checkpoints"] = None if storage.is_uri(location) else str(Path(location) / name / "local")
         if fault:
             step, marker = fault.split(":", 1)
             config["fault"] = {"step": int(step), "marker": marker}
-        # Ray Data needs CPUs of its own; on a 2-CPU machine the training workers take them all and a
-        # streaming read never gets scheduled: materialize (the embedded default) computes it first.
-        materialize = sp.materialize if sp.materialize is not None else not rp.use_gpu
-        datasets = {"train": LocalShard(config, sp.steps, per_worker * world) if local else
-                    build_dataset(config, sp.steps, per_worker * world, materialize)}
+        # Ray Data streams from the store, its pools sized by ray.data_*; a resumed run's input starts
+        # at its step (the factory runs as each worker group starts). materialize: null computes only
+        # small inputs first (a 2-CPU machine whose training workers take every CPU needs that).
+        if not local:
+            config["resume"] = {"storage_location": location, "run": name}
+        if local:
+            train_input = LocalShard(config, sp.steps, per_worker * world)
+        else:
+            factory = DatasetFactory(config, sp.steps, per_worker * world, sp.materialize, rp.data_cpus)
+            train_input = factory.materialized_now() or factory
+        datasets = {"train": train_input}
         resources = {"CPU": rp.cpus_per_worker, **({"GPU": rp.gpus_per_worker} if rp.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop, train_loop_config=config, datasets=datasets,
@@ -234,8 +266,14 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
                                  failure_config=FailureConfig(max_failures=sp.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=sp.num_to_keep)))
         t0 = time.perf_counter()
-        try:
-            result = trainer.fit()
+        try:  # in a helper thread: SIGINT/SIGTERM reach this thread, not Ray Train's own SIGINT handler
+            result = call_interruptibly(trainer.fit, wait_after_stop=2.0)  # then the process exits under it
+        except Stopped as stop:
+            log.error("[train] %s %s stopped (%s); its checkpoints stay in %s/%s: run the same command again to "
+                      "resume", s.kind, s.stage, stop, location, name)
+            status = "KILLED"
+            started_ray = started_ray or ray.is_initialized()  # leave the cluster too: the job's workers end with it
+            return stop.exit_code
         except ray.train.TrainingFailedError as err:
             log.error("[train] %s %s failed (max_failures=%d reached): %s\n[train] run the same command again "
                       "to resume from the last checkpoint in %s/%s", s.kind, s.stage, sp.max_failures,
@@ -245,6 +283,7 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
             raise RuntimeError(f"training run {name} ended without a checkpoint (error: {result.error})")
         metrics, network = export(result.checkpoint, s)
         metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        metrics.update(counts)
         write_dvc_outputs(s, metrics)
         checkpoints = storage.join(location, name) if storage.is_uri(location) else str(Path(location) / name)
         registry.log_and_register(uri, run_id, network, s, checkpoints)
@@ -262,6 +301,9 @@ def train(s: TrainSettings, fresh: bool = False, fault: str = "") -> int:
                  s.model_out, s.metrics_out)
         status = "FINISHED"
         return 0
+    except Stopped:
+        status = "KILLED"
+        raise
     finally:
         tracking.finish_run(uri, run_id, status)
         if started_ray:

@@ -1,26 +1,33 @@
 """Training input on Ray Data: every stage's clips are a Dataset whose `map_batches` decode, crop and
-augment on CPU workers; training ranks consume `get_dataset_shard("train").iter_torch_batches(...)`.
+augment on CPU workers; training ranks consume `get_dataset_shard("train").iter_torch_batches(...)`,
+whose prefetch threads collate the uint8 columns (`ClipCollate`), pin them and copy them to the device.
 
-- Synthetic clips (`stm synthesize` Parquet shards, local or at a URI): JPEG/PNG rows -> decoded,
-  cropped, flipped, relabelled clips.
-- Real videos (DAVIS / YouTube-VOS layout, local or at a URI): `range(rows)` of clip numbers ->
-  stm_core's `VideoClipSampler` (the one clip sampler: decode, crop, affine, jitter). Clip r belongs
-  to step r // global_batch, whose curriculum skip it uses, and is drawn from clip_rng(seed, r): the
-  data do not depend on the number of workers. After a restart each rank skips as many batches as
-  the checkpoint holds steps (the same count on every rank; see `pipeline.train.loop.data_batches`).
+- Synthetic clips (`stm synthesize` Parquet shards, local or at a URI, or the store objects a shard
+  manifest names): JPEG/PNG rows -> decoded, cropped, flipped, relabelled clips, in plain tasks (the
+  decoder holds no state).
+- Real videos (DAVIS / YouTube-VOS layout, local or at a URI: frames are read from the store file
+  by file, `pipeline.train.data.open_videos`): clip numbers -> stm_core's `VideoClipSampler` in an
+  actor pool (each actor keeps its opened video index). Clip r belongs to step r // global_batch,
+  whose curriculum skip it uses, and is drawn from clip_rng(seed, r): the data do not depend on the
+  number of workers, and a run resumed at step k starts at clip k x global_batch (`DatasetFactory`).
+
+Pools follow the cluster: `ray.data_min_actors` .. `ray.data_max_actors` actors (Ray Data's
+autoscaler grows them as nodes join), at most as many tasks. Nothing is materialised unless asked
+for, or (materialize: null) unless the stage's clips are small (`ray.materialize_max_mb`).
 
 Each output row: frames N x H x W x 3 uint8, masks N x H x W uint8 (ids 1..K), n_objects, step.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import numpy as np
+from ray.data.collate_fn import NumpyBatchCollateFn
 
-VIDEO_STREAM = 7_000_003  # clip_rng stream of video clips (synthetic sets use their own)
-DECODE_BATCH = 16  # Parquet rows per DecodeSynthetic call
+from pipeline.train.data import VIDEO_STREAM, DecodeSynthetic, decode_synthetic, stack  # noqa: F401
+from pipeline.train.shards import parquet_files, read_parquet  # noqa: F401
+
+DECODE_BATCH = 16  # Parquet rows per decode call
+COLUMNS = ("frames", "masks", "n_objects", "step")
 
 
 def video_rows(total_steps: int, global_batch: int) -> int:
@@ -28,48 +35,39 @@ def video_rows(total_steps: int, global_batch: int) -> int:
     return (total_steps + 1) * global_batch
 
 
-class DecodeSynthetic:
-    """map_batches UDF: Parquet clip rows -> prepared clips (crop to `crop`, flip, relabel)."""
+class ClipCollate(NumpyBatchCollateFn):
+    """iter_torch_batches collate (Ray Data's prefetch threads): the clip columns as uint8/int64
+    tensors, as they are; Ray Data pins them and copies them to the device, where the loop converts."""
 
-    def __init__(self, crop: int, max_objects: int, seed: int):
-        self.crop, self.max_objects, self.seed = crop, max_objects, seed
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        import torch
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        from pipeline.train.data import prepare
-        from stm_core.data.clips import decode_clip_arrays
-        from stm_core.data.synth import clip_rng
-
-        n = len(batch["clip_id"])
-        clips = []
-        for i in range(n):
-            row = {k: batch[k][i] for k in ("clip_id", "n_frames", "frames", "masks")}
-            rng = clip_rng(self.seed, int(row["clip_id"]), stream=VIDEO_STREAM + 1)
-            clips.append(prepare(decode_clip_arrays(row), self.crop, self.max_objects, rng))
-        return stack(clips, np.full(n, -1, np.int64))
+        return {k: torch.from_numpy(np.ascontiguousarray(batch[k])) for k in COLUMNS}
 
 
 class SampleVideoClips:
     """map_batches UDF (one per actor): clip numbers -> clips from stm_core's VideoClipSampler.
-    The videos are opened once per actor; a URI is copied to the actor's node first."""
+    The video index is built once per actor; a URI's frames are read from the store as needed.
+    `offset`: the first clip number of the dataset (a resumed run's start)."""
 
     def __init__(self, data: dict, n_frames: int, crop: int, max_objects: int, seed: int, total_steps: int,
-                 global_batch: int, max_skip: int, skip_ramp: float, holdout: int = 0):
-        from pipeline.train.data import open_videos
-        from pipeline.train.schedule import split_holdout
+                 global_batch: int, max_skip: int, skip_ramp: float, holdout: int = 0, offset: int = 0):
+        from pipeline.train.data import open_videos, split_holdout
         from stm_core.data.sampler import VideoClipSampler, VideoSamplerConfig
 
         videos, _ = split_holdout(open_videos(data), holdout)  # held out: the plateau schedule's validation
-        self.sampler = VideoClipSampler(videos, VideoSamplerConfig(n_frames=n_frames, height=crop,
-                                                                               width=crop, max_objects=max_objects))
+        self.sampler = VideoClipSampler(videos, VideoSamplerConfig(
+            n_frames=n_frames, height=crop, width=crop, max_objects=max_objects,
+            short_videos=data.get("short_videos", "drop")))  # strmn.short_videos (the driver's loop_config)
         self.seed, self.total, self.batch = seed, total_steps, global_batch
-        self.max_skip, self.ramp = max_skip, skip_ramp
+        self.max_skip, self.ramp, self.offset = max_skip, skip_ramp, offset
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from stm_core.data.sampler import max_skip_schedule
         from stm_core.data.synth import clip_rng
 
         clips, steps = [], []
-        for r in batch["id"].tolist():
+        for r in (batch["id"] + self.offset).tolist():
             step = int(r) // self.batch
             skip = max_skip_schedule(step, self.total, 0, self.max_skip, self.ramp)
             clip = self.sampler.sample(clip_rng(self.seed, int(r), stream=VIDEO_STREAM), skip)
@@ -78,108 +76,76 @@ class SampleVideoClips:
         return stack(clips, np.asarray(steps, np.int64))
 
 
-def stack(clips: list, steps: np.ndarray) -> dict[str, np.ndarray]:
-    return {"frames": np.stack([c[0] for c in clips]), "masks": np.stack([c[1] for c in clips]),
-            "n_objects": np.asarray([int(c[1].max()) for c in clips], np.int64), "step": steps}
+def should_materialize(materialize: bool | None, rows: int, frames: int, crop: int, limit_mb: float) -> bool:
+    """An explicit setting wins; null: only when the decoded clips fit in `limit_mb` (never at paper sizes)."""
+    if materialize is not None:
+        return bool(materialize)
+    return rows * frames * crop * crop * 4 <= limit_mb * 2**20  # 3 colour bytes + 1 mask byte per pixel
 
 
-def read_parquet(location: str):
+def build_dataset(config: dict, total_steps: int, global_batch: int, materialize: bool | None, cpus: float = 1.0,
+                  start: int = 0):
+    """The stage's training Dataset, lazy (streamed) unless materialised (computed into the object
+    store before training: the 2-CPU Ray Data + Train deadlock workaround for small inputs).
+    Videos start at step `start` (clip start x global_batch)."""
     import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from pipeline import storage
-
-    if storage.is_uri(location):
-        fs, path = storage.filesystem(location)
-        return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
-    return ray.data.read_parquet(location, file_extensions=["parquet"])
-
-
-class LocalShard:
-    """In-process training (`ray.num_workers: 0` on one machine): the clips of `build_dataset`, made
-    by the same UDFs from the same clip numbers, in this process. No Ray instance and no Ray Data
-    actors to start, which is about 10 s of each stage's start-up on 2 CPUs. It offers the one
-    method the training loop calls on a Ray Data shard (`iter_torch_batches`), one epoch per call.
-
-    Videos: clip r is drawn from clip_rng(seed, r) for its step, exactly as on Ray Data. Parquet:
-    every row decoded once (as `materialize`), then each epoch in a permutation drawn from
-    `local_shuffle_seed` (Ray Data's local shuffle buffer, taken to the whole set)."""
-
-    def __init__(self, config: dict, total_steps: int, global_batch: int):
-        self.config, self.total, self.batch = config, total_steps, global_batch
-        self._clips: dict[str, np.ndarray] | None = None  # decoded Parquet rows
-        self._sampler: SampleVideoClips | None = None
-
-    def iter_torch_batches(self, *, batch_size: int, drop_last: bool = True, local_shuffle_buffer_size=None,
-                           local_shuffle_seed: int | None = None, **_ignored):
-        import torch
-
-        data, tp = self.config["data"], self.config["train"]
-        if data["kind"] == "parquet":
-            columns = self._parquet_clips()
-            n = len(columns["step"])
-            order = (np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_buffer_size
-                     else np.arange(n))
-            batches = (order[i:i + batch_size] for i in range(0, n, batch_size))
-            make = lambda rows: {k: v[rows] for k, v in columns.items()}  # noqa: E731
-        else:
-            if self._sampler is None:
-                from pipeline.train.schedule import holdout
-
-                self._sampler = SampleVideoClips(
-                    data, self.config["frames"], tp["crop"], tp["max_objects"], self.config["seed"], self.total,
-                    self.batch, tp["max_skip"], tp["skip_ramp"], holdout(tp))
-            rows = video_rows(self.total, self.batch)
-            batches = (np.arange(i, min(i + batch_size, rows)) for i in range(0, rows, batch_size))
-            make = lambda ids: self._sampler({"id": ids})  # noqa: E731
-        for ids in batches:
-            if drop_last and len(ids) < batch_size:
-                return
-            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in make(ids).items()}
-
-    def _parquet_clips(self) -> dict[str, np.ndarray]:
-        if self._clips is None:
-            import pyarrow.parquet as pq
-
-            from pipeline import storage
-
-            path, tp = self.config["data"]["path"], self.config["train"]
-            if storage.is_uri(path):
-                raise ValueError(f"{path}: in-process training reads local Parquet shards only (use Ray Data)")
-            files = sorted(Path(path).glob("*.parquet"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no Parquet shards (run `stm synthesize` first)")
-            decode = DecodeSynthetic(tp["crop"], tp["max_objects"], self.config["seed"])
-            parts = []
-            for f in files:
-                table = pq.read_table(f, columns=["clip_id", "n_frames", "frames", "masks"])
-                for start in range(0, table.num_rows, DECODE_BATCH):
-                    chunk = table.slice(start, DECODE_BATCH)
-                    parts.append(decode({k: chunk.column(k).to_numpy(zero_copy_only=False) for k in chunk.column_names}))
-            self._clips = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return self._clips
-
-
-def build_dataset(config: dict, total_steps: int, global_batch: int, materialize: bool, cpus: float = 1.0):
-    """The stage's training Dataset (lazy unless `materialize`: then computed into the object store
-    before training, which the 2-CPU embedded default needs to avoid the Ray Data + Train deadlock)."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from pipeline.train.schedule import holdout
+    from pipeline.train.data import holdout
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars in DVC logs
-    data, tp = config["data"], config["train"]
+    data, tp, pool = config["data"], config["train"], config.get("pool") or {}
+    low, high = max(1, int(pool.get("min", 1))), max(1, int(pool.get("max", 4)))
+    limit = float(pool.get("materialize_max_mb", 1024))
     if data["kind"] == "parquet":
-        ds = read_parquet(data["path"]).map_batches(
-            DecodeSynthetic, fn_constructor_args=(tp["crop"], tp["max_objects"], config["seed"]),
-            batch_format="numpy", batch_size=DECODE_BATCH, compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=cpus)
+        ds = read_parquet(data["path"], data.get("files")).map_batches(
+            decode_synthetic, fn_kwargs={"crop": tp["crop"], "max_objects": tp["max_objects"], "seed": config["seed"]},
+            batch_format="numpy", batch_size=DECODE_BATCH, compute=TaskPoolStrategy(size=high), num_cpus=cpus)
+        rows = sum(int(f.get("rows", 0)) for f in data.get("files") or []) or ds.count()  # count: Parquet metadata
     else:
-        rows = video_rows(total_steps, global_batch)
+        offset = start * global_batch
+        rows = video_rows(total_steps, global_batch) - offset
         ds = ray.data.range(rows, override_num_blocks=max(1, min(64, rows // max(1, global_batch)))).map_batches(
             SampleVideoClips, fn_constructor_kwargs={
                 "data": data, "n_frames": config["frames"], "crop": tp["crop"], "max_objects": tp["max_objects"],
                 "seed": config["seed"], "total_steps": total_steps, "global_batch": global_batch,
-                "max_skip": tp["max_skip"], "skip_ramp": tp["skip_ramp"], "holdout": holdout(tp)},
-            batch_format="numpy", batch_size=global_batch, compute=ActorPoolStrategy(min_size=1, max_size=4),
+                "max_skip": tp["max_skip"], "skip_ramp": tp["skip_ramp"], "holdout": holdout(tp), "offset": offset},
+            batch_format="numpy", batch_size=global_batch, compute=ActorPoolStrategy(min_size=low, max_size=max(low, high)),
             num_cpus=cpus)
-    return ds.materialize() if materialize else ds
+    return ds.materialize() if should_materialize(materialize, rows, config["frames"], tp["crop"], limit) else ds
+
+
+class DatasetFactory:
+    """Ray Train calls it before each worker group starts (the first and every restart): the stage's
+    Dataset from the step the run resumes at (`resume_step` of its checkpoints), so a resumed run
+    makes no clip of the steps it already trained."""
+
+    def __init__(self, config: dict, total_steps: int, global_batch: int, materialize: bool | None, cpus: float = 1.0):
+        self.args = (config, total_steps, global_batch, materialize, cpus)
+
+    def start_step(self) -> int:
+        from pipeline.train.checkpoints import resume_step
+
+        config = self.args[0]
+        start = resume_step(**config["resume"]) if config.get("resume") and config["data"]["kind"] == "videos" else 0
+        if start:
+            print(f"[train] input starts at step {start} (clip {start * self.args[2]})", flush=True)
+        return start
+
+    def __call__(self):
+        return build_dataset(*self.args, start=self.start_step())
+
+    def materialized_now(self):
+        """The input computed into the object store now, in the driver, when it is to be materialised;
+        else None (Ray Train calls the factory per worker group). Ray Train calls its factory once the
+        worker group holds its CPUs, and on a machine whose training workers take every CPU Ray Data
+        would then wait for ever. Records the step the input starts at in the loop's config, so a
+        worker group restarted later drops the batches of the steps it already trained."""
+        from ray.data.dataset import MaterializedDataset
+
+        start = self.start_step()
+        ds = build_dataset(*self.args, start=start)
+        if not isinstance(ds, MaterializedDataset):
+            return None
+        self.args[0]["input_first_step"] = start
+        return ds

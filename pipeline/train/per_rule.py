@@ -36,15 +36,15 @@ def apply_rule(params_file: str | Path, stage: str, kind: str, rule: str, strmn,
 
 def strmn_overrides(params_file: str | Path, section_name: str, strmn, stage_params):
     """The STRMN stages' own learning rate (strmn.lr, both stages), pretraining steps
-    (strmn.pretrain_steps) and fine-tuning schedule (strmn.lr_schedule, main only: pretraining
-    validation on held-out images is not implemented), checked."""
+    (strmn.pretrain_steps) and schedules (strmn.pretrain_lr_schedule, strmn.lr_schedule), checked."""
     from pipeline.train.schedule import check_stage
 
-    schedule = strmn.lr_schedule if section_name == "train" else None
+    schedule = strmn.lr_schedule if section_name == "train" else strmn.pretrain_lr_schedule
     steps = strmn.pretrain_steps if section_name == "pretrain" else None
     changes = {k: v for k, v in (("lr", strmn.lr), ("lr_schedule", schedule), ("steps", steps)) if v is not None}
     if changes.get("lr_schedule") not in (None, "constant", "cosine", "plateau"):
-        raise ParamsError(f"{params_file}: strmn.lr_schedule must be null, constant, cosine or plateau, "
+        key = "lr_schedule" if section_name == "train" else "pretrain_lr_schedule"
+        raise ParamsError(f"{params_file}: strmn.{key} must be null, constant, cosine or plateau, "
                           f"got {changes['lr_schedule']!r}")
     if steps is not None and steps < 1:
         raise ParamsError(f"{params_file}: strmn.pretrain_steps must be >= 1 (or null: pretrain.steps), got {steps}")

@@ -30,29 +30,57 @@ def pip_requirements() -> list[str]:
             "numpy", "pillow", "scikit-image"]
 
 
-def log_and_register(uri: str, run_id: str, network, s, checkpoints: str) -> dict:
-    """Log `network` as an MLflow PyTorch model in run `run_id`, register it, write `model.json`."""
-    import mlflow
-    import mlflow.pytorch
+def latest_alias(stage: str) -> str:
+    """The alias of a stage's newest registered version: `latest-pretrain`, `latest-train`."""
+    return f"latest-{stage}"
 
+
+def input_example():
+    """A tiny clip for the logged model's signature and example: 2 frames of 16 x 16, one object."""
+    import numpy as np
+
+    frames = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:10, 4:10] = 1
+    return {"frames": frames, "mask": mask}
+
+
+def log_and_register(uri: str, run_id: str, network, s, checkpoints: str) -> dict:
+    """Log the checkpoint `s.model_out` as a models-from-code pyfunc (pipeline/mlflow_model.py, no
+    pickle) in run `run_id`, register it, alias the version `latest-<stage>`, write `model.json`."""
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    import pipeline.mlflow_model as model_code
     import stm_core
 
     name = registered_name(s.kind)
     sha = hashlib.sha256(s.model_out.read_bytes()).hexdigest()
+    example = input_example()
+    u8 = np.dtype(np.uint8)  # any clip length and frame size: -1 on every free axis
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(u8, (-1, -1, -1, 3), "frames"), TensorSpec(u8, (-1, -1), "mask")]),
+        outputs=Schema([TensorSpec(u8, (-1, -1, -1))]))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            network.eval(), name="model", registered_model_name=name, pip_requirements=pip_requirements(),
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=model_code.__file__, artifacts={"checkpoint": str(s.model_out)},
+            registered_model_name=name, pip_requirements=pip_requirements() + [f"mlflow=={mlflow.__version__}"],
             code_paths=[str(Path(stm_core.__file__).parent)], await_registration_for=120,
-            serialization_format="pickle",  # pt2 must trace an input example; code_paths ships stm_core
-            tags={"stage": s.stage, "model_sha256": sha})
+            signature=signature, input_example=example, tags={"stage": s.stage, "model_sha256": sha})
     version = str(info.registered_model_version)
     client = tracking.client(uri)
     for key, value in {"stage": s.stage, "model_sha256": sha, "checkpoints": checkpoints}.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_tag(run_id, "registered_model", f"{name}/{version}")
+    # MLflow reserves the alias `latest` (`models:/STM/latest` is already the newest version): one per stage.
+    client.set_registered_model_alias(name, latest_alias(s.stage), version)
     record = {"registered_model": name, "version": version, "model_uri": f"models:/{name}/{version}",
+              "alias_uri": f"models:/{name}@{latest_alias(s.stage)}",
               "run_id": run_id, "model_id": getattr(info, "model_id", None), "stage": s.stage, "kind": s.kind,
               "sha256": sha, "checkpoints": checkpoints, "tracking_uri": uri}
     atomic_write_bytes(s.model_out.parent / MODEL_INFO, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())

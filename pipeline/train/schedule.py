@@ -5,8 +5,15 @@ factor of 0.1 each time the error on the validation set does not decrease".
 held-out clips is measured (no gradient), and the learning rate is multiplied by
 `plateau_factor` whenever it has not decreased for more than `plateau_patience` checks. The
 held-out clips come from the last `val_holdout` videos of the training split, which are then not
-trained on. Every rank measures the same clips with the same weights, so all ranks agree on the
-rate without communicating.
+trained on; for synthetic (Parquet) pretraining, from the set's validation clips (`<data>/_val`,
+made by `stm synthesize` from images held out of the training clips: `synthesize.val_share` and
+the set's `val_clips`). Every rank measures the same clips with the same weights, so all ranks
+agree on the rate without communicating.
+
+The paper drops the rate at every check without a decrease (patience 0). A check's error is noisy,
+so with patience 0 and frequent checks the rate falls to nothing long before training ends; a
+stage therefore needs `plateau_patience >= 1` or a floor `plateau_min_scale > 0` (the rate never
+goes below lr x that), and checks that fit the stage (`val_every < steps`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from pipeline.train.data import holdout, split_holdout  # noqa: F401 - the stage's held-out videos
+
+VAL_DIR = "_val"  # a synthetic set's validation clips (pipeline.synthesize.VAL_DIR)
+
 
 @dataclass
 class Plateau:
@@ -27,6 +38,7 @@ class Plateau:
     bad: int = 0  # checks since it last decreased
     scale: float = 1.0  # current multiplier of the base learning rate
     drops: int = 0
+    min_scale: float = 0.0  # the multiplier never drops below this (0: no floor)
 
     def update(self, error: float) -> float:
         """Record one validation error; -> the learning-rate multiplier from now on."""
@@ -36,8 +48,8 @@ class Plateau:
             self.best, self.bad = error, 0
         else:
             self.bad += 1
-            if self.bad > self.patience:
-                self.scale *= self.factor
+            if self.bad > self.patience and self.scale > self.min_scale * (1 + 1e-6):  # 0.1 * 0.1 > 0.01 in floats
+                self.scale = max(self.scale * self.factor, self.min_scale)
                 self.drops += 1
                 self.bad = 0
         return self.scale
@@ -50,29 +62,49 @@ class Plateau:
             setattr(self, key, value)
 
 
-def holdout(train: dict) -> int:
-    """Videos held out of training: only a plateau stage validates (and so holds any out)."""
-    return int(train.get("val_holdout", 0)) if train.get("lr_schedule") == "plateau" else 0
-
-
-def split_holdout(videos: Sequence, holdout: int) -> tuple[list, list]:
-    """-> (training videos, the last `holdout` videos for validation)."""
-    videos = list(videos)
-    if holdout <= 0:
-        return videos, []
-    if holdout >= len(videos):
-        raise ValueError(f"val_holdout = {holdout} leaves no training video (the split has {len(videos)})")
-    return videos[:-holdout], videos[-holdout:]
-
-
-def validation_clips(videos: Sequence, n_clips: int, n_frames: int, crop: int, max_objects: int, seed: int) -> list:
+def validation_clips(videos: Sequence, n_clips: int, n_frames: int, crop: int, max_objects: int, seed: int,
+                     short_videos: str = "drop") -> list:
     """A fixed list of held-out clips (frames N x H x W x 3 uint8, masks N x H x W uint8): same every call."""
     from stm_core.data.sampler import VideoClipSampler, VideoSamplerConfig
 
     sampler = VideoClipSampler(list(videos), VideoSamplerConfig(n_frames=n_frames, height=crop, width=crop,
-                                                                 max_objects=max_objects))
+                                                                 max_objects=max_objects, short_videos=short_videos))
     rng = np.random.default_rng([seed, 77])
     return [(c.frames, c.masks) for c in (sampler.sample(rng, 0) for _ in range(n_clips))]
+
+
+def parquet_validation_clips(data_path: str, n_clips: int, crop: int, max_objects: int, seed: int) -> list:
+    """The first `n_clips` validation clips of a synthetic set (`<set>/_val`), decoded and cropped
+    as training clips are, each by its own clip id: the same clips every call."""
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import local_or_cached
+    from pipeline.train.data import DecodeSynthetic
+
+    folder = local_or_cached(data_path) / VAL_DIR
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{folder}: no validation clips for the plateau schedule; give the set val_clips > 0 "
+                                "(synthesize.sets.<set>.val_clips, with synthesize.val_share) and run `stm synthesize`")
+    decode, clips = DecodeSynthetic(crop, max_objects, seed), []
+    for f in files:
+        table = pq.read_table(f, columns=["clip_id", "n_frames", "frames", "masks"]).slice(0, n_clips - len(clips))
+        out = decode({k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names})
+        clips += list(zip(out["frames"], out["masks"]))
+        if len(clips) >= n_clips:
+            break
+    return clips
+
+
+def video_counts(data: dict, n_frames: int, holdout_videos: int, mode: str) -> dict[str, int]:
+    """A video stage's training videos, how many are shorter than its clips, and how many of those
+    it never sees (`short_videos: drop`): for the stage's log and metrics."""
+    from pipeline.train.data import open_videos
+    from stm_core.data.sampler import short_videos
+
+    videos, _ = split_holdout(open_videos(data), holdout_videos)
+    short = len(short_videos(videos, n_frames))
+    return {"videos": len(videos), "short_videos": short, "dropped_videos": short if mode == "drop" else 0}
 
 
 @torch.no_grad()
@@ -89,12 +121,21 @@ def check_stage(stage_params, where: str) -> None:
     sp = stage_params
     if sp.lr_schedule != "plateau":
         return
-    if sp.data_format == "parquet":
-        raise ValueError(f"{where}: lr_schedule plateau needs held-out videos (val_holdout); validation on held-out "
-                         "images for Parquet pretraining is not implemented yet: use constant or cosine there")
-    if sp.val_holdout < 1 or sp.val_every < 1 or sp.val_clips < 1:
-        raise ValueError(f"{where}: lr_schedule plateau needs val_holdout >= 1, val_every >= 1 and val_clips >= 1 "
-                         f"(got {sp.val_holdout}, {sp.val_every}, {sp.val_clips})")
+    if sp.data_format != "parquet" and sp.val_holdout < 1:
+        raise ValueError(f"{where}: lr_schedule plateau on videos needs held-out videos: val_holdout >= 1 "
+                         f"(got {sp.val_holdout})")
+    if sp.val_every < 1 or sp.val_clips < 1:
+        raise ValueError(f"{where}: lr_schedule plateau needs val_every >= 1 and val_clips >= 1 "
+                         f"(got {sp.val_every}, {sp.val_clips})")
+    if sp.val_every >= sp.steps:
+        raise ValueError(f"{where}: lr_schedule plateau checks every {sp.val_every} steps but the stage has "
+                         f"{sp.steps}: the rate would never change (lower val_every)")
+    if not 0.0 <= sp.plateau_min_scale < 1.0:
+        raise ValueError(f"{where}: plateau_min_scale must be in [0, 1), got {sp.plateau_min_scale}")
+    if sp.plateau_patience < 1 and sp.plateau_min_scale <= 0.0:
+        raise ValueError(f"{where}: lr_schedule plateau with plateau_patience 0 and no floor (plateau_min_scale 0) "
+                         "cuts the rate at every noisy check until training stops: set plateau_patience >= 1 "
+                         "or plateau_min_scale > 0")
 
 
 def plateau_setup(config: dict, device: torch.device, totals: dict) -> tuple[Plateau | None, list]:
@@ -104,11 +145,17 @@ def plateau_setup(config: dict, device: torch.device, totals: dict) -> tuple[Pla
         return None, []
     from pipeline.train.data import collate, open_videos
 
-    plateau = Plateau(factor=tp["plateau_factor"], patience=tp["plateau_patience"])
+    plateau = Plateau(factor=tp["plateau_factor"], patience=tp["plateau_patience"],
+                      min_scale=tp.get("plateau_min_scale", 0.0))
     if "plateau" in totals:
         plateau.load_state_dict(totals["plateau"])
-    _, held = split_holdout(open_videos(config["data"]), tp["val_holdout"])
-    clips = validation_clips(held, tp["val_clips"], config["frames"], tp["crop"], tp["max_objects"], config["seed"])
+    if config["data"]["kind"] == "parquet":
+        clips = parquet_validation_clips(config["data"]["path"], tp["val_clips"], tp["crop"], tp["max_objects"],
+                                         config["seed"])
+    else:
+        _, held = split_holdout(open_videos(config["data"]), tp["val_holdout"])
+        clips = validation_clips(held, tp["val_clips"], config["frames"], tp["crop"], tp["max_objects"],
+                                 config["seed"], config["data"].get("short_videos", "drop"))
     batch = max(1, config["per_worker_batch"])
     batches = [tuple(t.to(device) for t in collate(clips[i:i + batch])) for i in range(0, len(clips), batch)]
     return plateau, batches

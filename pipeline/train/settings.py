@@ -36,6 +36,7 @@ class StageParams:
     val_clips: int = 8  # (plateau) held-out clips per validation check (fixed)
     plateau_factor: float = 0.1  # (plateau) learning-rate factor at each drop (the STRMN paper: 0.1)
     plateau_patience: int = 0  # (plateau) checks without a decrease before a drop (the paper: 0)
+    plateau_min_scale: float = 0.0  # (plateau) the rate never drops below lr x this (0: no floor)
     warmup_steps: int = 0  # linear learning-rate warm-up steps
     weight_decay: float = 0.0  # Adam weight decay
     grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
@@ -52,7 +53,7 @@ class StageParams:
     split: str = "train"  # video split (DAVIS ImageSets name / YouTube-VOS folder)
     init: str = "none"  # starting weights: none | pretrain (that stage's output for this model) | a path
     shuffle_buffer: int = 64  # Parquet rows in each worker's local shuffle buffer (0: no shuffle)
-    materialize: bool | None = None  # load the input into Ray's object store first; null: on CPU workers only (2-CPU deadlock fix)
+    materialize: bool | None = None  # load the input into Ray's object store first (the 2-CPU Ray Data + Train deadlock fix); null: only inputs under ray.materialize_max_mb
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
     checkpoint_every: int = 50  # steps between checkpoints (and always at the end)
     num_to_keep: int = 2  # checkpoints kept in storage
@@ -81,7 +82,9 @@ class StrmnParams:
     pretrain_steps: int | None = None  # optimizer steps of the shared STRMN pretraining (null: pretrain.steps)
     main_steps: int | None = None  # optimizer steps of each per-rule main stage (null: train.steps)
     lr: float | None = None  # learning rate of the STRMN stages (null: the stage's lr; the paper: 1e-4)
-    lr_schedule: str | None = None  # schedule of the STRMN stages (null: the stage's; the paper: plateau)
+    lr_schedule: str | None = None  # schedule of STRMN fine-tuning (null: train's)
+    pretrain_lr_schedule: str | None = None  # schedule of STRMN pretraining (null: pretrain's; the paper: plateau)
+    short_videos: Literal["drop", "repeat"] = "drop"  # fine-tuning videos shorter than main_frames: skipped or repeated
     continuous: bool = False  # main clips are consecutive frames (no skip), as the paper's 50-frame clips
 
 
@@ -97,6 +100,10 @@ class RayParams:
     object_store_mb: int | None = None  # object store size of a local Ray instance in MiB (null: Ray's default)
     storage: str = "checkpoints"  # checkpoint storage: a path (relative to the project root) or a URI (s3://...)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # training workers over nodes
+    data_min_actors: int = 1  # Ray Data actors (video clip samplers) at least; the pool grows with the cluster
+    data_max_actors: int = 4  # Ray Data actors at most (and concurrent decode tasks of Parquet clips)
+    data_cpus: float = 1.0  # CPUs each Ray Data task or actor of the training input reserves
+    materialize_max_mb: float = 1024.0  # materialize: null computes inputs first only when their decoded clips fit in this
 
 
 @dataclass
@@ -114,6 +121,7 @@ class TrainSettings:
     params_file: Path
     storage_root: str = ""  # params storage.root: the store every node reaches ("" on one machine)
     rule: str | None = None  # STRMN main stage of one rule (`--rule`): its own output folder
+    cache_mb: float = 0.0  # params storage.cache_mb: node-local cache of store files per reading process
 
     @property
     def rule_suffix(self) -> str:
@@ -150,10 +158,10 @@ class TrainSettings:
             return self.strmn.batch_size
         return self.stage_params.batch_size
 
-    def data_path(self) -> Path:
-        """The local copy of the training data (DVC's dependency); for URI data, its node cache path."""
+    def data_path(self) -> Path | None:
+        """The local copy of the training data (DVC's dependency); None for data at a URI (read there)."""
         data = self.stage_params.data.replace("{model}", self.kind)
-        return storage.local_or_cached(data) if storage.is_uri(data) else resolve(self.root, data)
+        return None if storage.is_uri(data) else resolve(self.root, data)
 
     def data_location(self) -> str:
         """Where Ray workers read the training data: a URI when params give one or storage.root is set
@@ -231,7 +239,8 @@ def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = 
     return TrainSettings(stage, kind, model, stage_params, strmn, section(params, "ray", RayParams),
                          section(params, "mlflow", MlflowParams), seed, workspace_root(params_file),
                          project_root(params_file), Path(params_file),
-                         storage.storage_root(params), rule)
+                         storage.storage_root(params), rule,
+                         section(params, "storage", storage.StorageParams).cache_mb)
 
 
 def data_fingerprint(s: TrainSettings) -> str:

@@ -8,6 +8,7 @@ in the DAVIS palette. Single-channel ('L') PNGs are accepted too; an 'L' mask ho
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -154,6 +155,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write JSON (indented, newline-terminated) atomically, as `atomic_write_bytes`."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_index_mask(path: str | Path, mask: np.ndarray | torch.Tensor, palette: list[int] | None = None) -> None:

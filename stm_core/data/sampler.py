@@ -1,6 +1,11 @@
 """Main-training clips from real videos (STM Sec. 3.5): N temporally ordered annotated frames with
 random skips whose maximum grows over training (0 -> 25 in the paper), and long clips for STRMN.
 
+A video with fewer annotated frames than a clip (DAVIS-2017 train has several under STRMN's 50) is
+dropped (`short_videos: drop`, the default) or sampled with repetition (`repeat`): its frames
+played forwards and backwards (0 1 2 1 0 1 ...) from a random point, so the motion stays
+continuous and the clip keeps its length (and its TBPTT segments). `short_videos()` counts them.
+
 Pure numpy + Pillow; `VideoClipDataset` wraps it for a torch DataLoader. Deterministic: clip `i`
 at curriculum skip `s` depends only on (seed, epoch, i, s).
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,6 +46,21 @@ def sample_positions(length: int, n: int, max_skip: int, rng: np.random.Generato
     return [start, *(start + np.cumsum(gaps)).astype(int).tolist()]
 
 
+def pingpong_positions(length: int, n: int, rng: np.random.Generator) -> list[int]:
+    """n consecutive indices of [0, length) bouncing at both ends (0 1 2 1 0 1 ...), from a random
+    point and direction: a clip longer than its video that still moves one frame at a time."""
+    if length <= 1:
+        return [0] * n
+    period = 2 * (length - 1)
+    start = int(rng.integers(period))
+    return [k if k < length else period - k for k in ((start + t) % period for t in range(n))]
+
+
+def short_videos(videos: Sequence[VideoSequence], n_frames: int) -> list[str]:
+    """Names of the videos with fewer than `n_frames` annotated frames."""
+    return [v.name for v in videos if len(v.annotated) < n_frames]
+
+
 @dataclass
 class VideoSamplerConfig:
     n_frames: int = 3  # frames per clip (3 for STM; longer for STRMN, e.g. 10)
@@ -54,6 +75,7 @@ class VideoSamplerConfig:
     jitter: ColorJitter = field(default_factory=lambda: ColorJitter(0.1, 0.1, 0.1, 0.02))  # per frame
     min_area: float = 0.002  # share of the first frame an object needs to count
     tries: int = 10  # re-draws before returning a clip with no object
+    short_videos: Literal["drop", "repeat"] = "drop"  # videos shorter than n_frames: skipped, or played back and forth
 
 
 @dataclass
@@ -70,7 +92,11 @@ class VideoClipSampler:
 
     def __init__(self, videos: Sequence[VideoSequence], cfg: VideoSamplerConfig):
         self.cfg = cfg
-        self.videos = [v for v in videos if len(v.annotated) >= cfg.n_frames]
+        if cfg.short_videos not in ("drop", "repeat"):
+            raise ValueError(f"short_videos must be drop or repeat, got {cfg.short_videos!r}")
+        self.short = short_videos(videos, cfg.n_frames)  # counted by the stages (log, metrics)
+        repeat = cfg.short_videos == "repeat"
+        self.videos = [v for v in videos if len(v.annotated) >= (1 if repeat else cfg.n_frames)]
         if not self.videos:
             names = ", ".join(v.name for v in videos) or "none"
             raise ValueError(f"no video has {cfg.n_frames} annotated frames (videos: {names})")
@@ -88,7 +114,11 @@ class VideoClipSampler:
         cfg = self.cfg
         video = self.videos[int(rng.integers(len(self.videos)))]
         annotated = video.annotated
-        picks = [annotated[p] for p in sample_positions(len(annotated), cfg.n_frames, max_skip, rng)]
+        if len(annotated) < cfg.n_frames:  # only with short_videos: repeat
+            positions = pingpong_positions(len(annotated), cfg.n_frames, rng)
+        else:
+            positions = sample_positions(len(annotated), cfg.n_frames, max_skip, rng)
+        picks = [annotated[p] for p in positions]
         if rng.random() < cfg.reverse:
             picks = picks[::-1]
         size = (cfg.height, cfg.width)

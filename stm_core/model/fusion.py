@@ -11,7 +11,8 @@ The cell distils a template that is about to leave the memory (X_i) into one tha
     X_j_new = (1 - z) * X_j + z * n                    (10)
 
 Templates are res4 maps, N x C x h x w (any leading dims are flattened into N). FAM attends
-over the h*w locations with `F.scaled_dot_product_attention`. Scale: the paper writes no scale
+over the h*w locations with `F.scaled_dot_product_attention` on 4-D tensors (N, 1 head, hw, C),
+the layout PyTorch's fused kernels take (memory-efficient on CUDA, flash on CPU). Scale: the paper writes no scale
 (scale = 1); we default to 1/sqrt(C), as STM's official read does: res4 features are post-ReLU
 with C = 256..1024 channels, and unscaled dot products saturate the softmax to one-hot at
 initialisation, which starves the cell of gradient. `scale=1.0` gives the literal eq. 3
@@ -46,9 +47,9 @@ def small_cnn(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential
 def fam(xa: torch.Tensor, xb: torch.Tensor, scale: float) -> torch.Tensor:
     """Eq. 3, xa, xb: N x C x h x w -> N x C x h x w: xb's features gathered at xa's locations."""
     n, c, h, w = xa.shape
-    qa = xa.flatten(2).transpose(1, 2)  # N x hw x C
-    kb = xb.flatten(2).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qa, kb, kb, scale=scale)  # N x hw x C
+    qa = xa.flatten(2).transpose(1, 2)[:, None]  # N x 1 x hw x C: one head
+    kb = xb.flatten(2).transpose(1, 2)[:, None]
+    out = F.scaled_dot_product_attention(qa, kb, kb, scale=scale)[:, 0]  # N x hw x C
     return out.transpose(1, 2).reshape(n, c, h, w)
 
 

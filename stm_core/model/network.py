@@ -27,7 +27,7 @@ from stm_core.model.encoders import (
     QueryFeatures,
     others_probability,
 )
-from stm_core.model.fuse import fold_batchnorm_, fold_into, stem_maxpools_, winograd_convs_
+from stm_core.model.fast_path import fold_batchnorm_, fold_into, stem_maxpools_, winograd_convs_
 from stm_core.model.read import memory_read, to_tokens
 
 STRIDE = 16  # res4 is at 1/16 of the input

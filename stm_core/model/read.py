@@ -2,8 +2,15 @@
 
 Every query location attends over all T x H x W memory locations. The affinity is
 exp(k_q . k_m * scale), normalised over memory (a softmax), so `F.scaled_dot_product_attention`
-computes exactly eq. (1)'s weighted sum, with a fused kernel on GPU. `scale` defaults to
-1/sqrt(Ck) as in the official STM code (the paper's eq. 2 is the scale=1 case).
+computes exactly eq. (1)'s weighted sum. `scale` defaults to 1/sqrt(Ck) as in the official STM
+code (the paper's eq. 2 is the scale=1 case).
+
+SDPA gets 4-D tensors (batch = objects, heads = 1, length, channels): only then can PyTorch pick a
+fused kernel (memory-efficient / flash on CUDA, the blocked flash kernel on CPU), which never
+holds the Lq x Lm affinity matrix. Its math fallback, and the top-k read, do hold it: a read
+whose N x Lq x Lm affinities exceed `READ_CHUNK_ELEMENTS` runs over query locations in chunks
+(each query row's result depends only on that row, so chunks compute the same thing), and a long
+or 720p video never allocates the whole matrix.
 """
 
 from __future__ import annotations
@@ -13,6 +20,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+# Affinity elements (N x Lq x Lm) one read may hold at once: 2^26 fp32 = 256 MiB, with the softmax's
+# copy ~0.5 GiB, next to ~1 GiB of ResNet-50 activations at 480p. A 480p frame (30 x 54 = 1620
+# locations) against 20 memory frames is 1620 x 32400 = 52M per object: one object reads in one
+# piece, five in about four chunks of whole query rows, which keeps each matmul large.
+READ_CHUNK_ELEMENTS = 1 << 26
+
 
 def memory_read(
     query_key: torch.Tensor,  # N x Lq x Ck (query locations as tokens)
@@ -20,22 +33,40 @@ def memory_read(
     memory_value: torch.Tensor,  # N x Lm x Cv
     top_k: int | None = None,
     scale: float | None = None,
+    chunk_elements: int | None = None,  # affinities held at once; None: READ_CHUNK_ELEMENTS
 ) -> torch.Tensor:  # N x Lq x Cv
     scale = 1.0 / math.sqrt(query_key.shape[-1]) if scale is None else scale
-    if top_k is not None and top_k < memory_key.shape[1]:
-        return _top_k_read(query_key, memory_key, memory_value, top_k, scale)
+    n, lq = query_key.shape[:2]
+    lm = memory_key.shape[1]
     # SDPA wants matching dtypes; memory may be stored in a lower precision than the query.
     memory_key = memory_key.to(query_key.dtype)
     memory_value = memory_value.to(query_key.dtype)
-    return F.scaled_dot_product_attention(query_key, memory_key, memory_value, scale=scale)
+    if memory_key.is_cuda:  # the fused kernels want the channel dim contiguous (else: the math path)
+        query_key, memory_key, memory_value = (_dense_channels(x) for x in (query_key, memory_key, memory_value))
+    use_top_k = top_k is not None and top_k < lm
+
+    def read(q: torch.Tensor) -> torch.Tensor:  # N x rows x Ck -> N x rows x Cv
+        if use_top_k:
+            return _top_k_read(q, memory_key, memory_value, top_k, scale)
+        return F.scaled_dot_product_attention(q[:, None], memory_key[:, None], memory_value[:, None],
+                                              scale=scale)[:, 0]  # one head: N x 1 x L x C
+
+    limit = READ_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    rows = max(1, limit // max(1, n * lm))  # query locations per chunk
+    if rows >= lq:
+        return read(query_key)
+    return torch.cat([read(query_key[:, i : i + rows]) for i in range(0, lq, rows)], dim=1)
+
+
+def _dense_channels(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _top_k_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int, scale: float) -> torch.Tensor:
     """Keep, per query location, only the k most similar memory locations (Cheng et al., STCN/XMem)."""
-    affinity = torch.einsum("nqc,nmc->nqm", q, k.to(q.dtype)) * scale  # N x Lq x Lm
+    affinity = torch.einsum("nqc,nmc->nqm", q, k) * scale  # N x Lq x Lm
     values, indices = affinity.topk(top_k, dim=-1)  # N x Lq x k
     weights = values.softmax(dim=-1)
-    v = v.to(q.dtype)
     # out[n, q] = sum_k weights[n, q, k] * v[n, indices[n, q, k]]
     gathered = torch.gather(
         v.unsqueeze(1).expand(-1, q.shape[1], -1, -1),

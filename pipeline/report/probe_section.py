@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.report.ablation import _table, read_record
+from pipeline.report.rows import read_record
+from pipeline.report.tables import markdown_table
 
 MATCHING = 2.0  # on-target weight at least this many times uniform's: the read finds the target
 
@@ -58,7 +59,7 @@ def section(results_dir: Path, report_dir: Path) -> list[str]:
              "the memory). The memory frames hold their ground truth, so this measures the read, not earlier "
              f"mistakes. `every:{record.get('every')}` is the first frame plus every {record.get('every')}th frame "
              "before the query (STM's saved frames).", "",
-             *_table(header, body), ""]
+             *markdown_table(header, body), ""]
     if text := verdict(record["memories"]):
         lines += [text, ""]
     if record.get("picture"):

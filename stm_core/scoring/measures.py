@@ -1,7 +1,7 @@
 """The DAVIS-2017 per-frame measures: J (region IoU), F (boundary F-measure) and their statistics.
 
 Same definitions as the official evaluation (davisvideochallenge/davis2017-evaluation: `db_eval_iou`,
-`db_eval_boundary`/`f_measure`, `_seg2bmap`, `utils.db_statistics`); `stm_core.metrics` builds the
+`db_eval_boundary`/`f_measure`, `_seg2bmap`, `utils.db_statistics`); `stm_core.scoring.sequences` builds the
 sequence and dataset scores on top. Made fast by working inside each object's bounding box and by
 matching boundary pixels with a k-d tree instead of dilating whole images (same numbers, see `_matches`).
 """

@@ -1,0 +1,122 @@
+"""Checkpoint I/O of the training loop: what a checkpoint holds, writing and reporting it, finding
+the newest one of an in-process run, loading one back, and the step a resumed run starts at.
+
+A checkpoint folder `checkpoint_<step:06d>_r<restarts>` holds `state.pt` (model, optimizer, scaler,
+step, every rank's RNG state, running totals) and `metrics.json` (the training summary, written
+last). Ray Train copies it into the run's storage; in-process runs (num_workers 0) keep it in
+`local_checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.train.data import clips_per_second
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+NAME = re.compile(r"checkpoint_(\d+)_r\d+$")
+# Ray Train's record of the reported checkpoints in the run's storage (rewritten at every report);
+# a restarted worker group gets the newest checkpoint it lists.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def rng_state(np_rng: np.random.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np_rng.bit_generator.state, "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict, np_rng: np.random.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np_rng.bit_generator.state = state["numpy"]
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(checkpoint) -> dict:
+    """A Ray Train checkpoint's state.pt (tensors, numbers, strings: weights_only loads it)."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def step_of(name: str) -> int | None:
+    """The step in a checkpoint folder name, or None when it is not one of ours."""
+    m = NAME.search(name.rstrip("/"))
+    return int(m.group(1)) if m else None
+
+
+def resume_step(storage_location: str, run: str) -> int:
+    """The step the run `run` resumes at: that of the newest checkpoint Ray Train has registered in
+    its storage (the one a restarted or re-run worker group loads), 0 for a fresh run. Read before
+    the worker group starts, so the input starts at that step and makes no clip before it."""
+    from pipeline import storage
+
+    snapshot = (storage.join(storage_location, run, RAY_SNAPSHOT) if storage.is_uri(storage_location)
+                else str(Path(storage_location) / run / RAY_SNAPSHOT))
+    try:
+        raw = storage.read_bytes(snapshot) if storage.is_uri(snapshot) else Path(snapshot).read_bytes()
+        latest = json.loads(raw).get("latest_checkpoint_result") or {}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return 0
+    name = latest.get("checkpoint_dir_name") or ""
+    return step_of(name) or 0
+
+
+def report_checkpoint(metrics: dict, network, optimizer, scaler, step: int, rngs: list, totals: dict, config: dict,
+                      world: int) -> None:
+    """Rank 0: write the state to a fresh folder and report it. Ray copies it into the run's storage
+    (then the local copy goes); in-process runs (num_workers 0) keep it in `local_checkpoints`."""
+    import ray.train
+
+    local = config.get("local_checkpoints")
+    name = f"checkpoint_{step:06d}_r{totals['restarts']}"
+    if local:
+        folder = Path(local) / name
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="stm-checkpoint-"))
+    write_state(str(folder), network, optimizer, scaler, step, rngs, totals, config, world)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name,
+                     delete_local_checkpoint_after_upload=not local)
+    if local:  # Ray Train keeps num_to_keep in its storage; here we do
+        for old in complete_checkpoints(local)[: -max(1, config["train"]["num_to_keep"])]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(local: str) -> list[Path]:
+    """In-process checkpoints whose state and summary were both written (the summary goes last), oldest first."""
+    folders = Path(local).glob("checkpoint_*") if Path(local).is_dir() else []
+    return sorted(p for p in folders if (p / STATE_FILE).is_file() and (p / METRICS_FILE).is_file())
+
+
+def latest_local_checkpoint(local: str | None):
+    """The newest complete in-process checkpoint (a crashed stage resumes from it), or None."""
+    import ray.train
+
+    done = complete_checkpoints(local) if local else []
+    return ray.train.Checkpoint.from_directory(str(done[-1])) if done else None
+
+
+def write_state(folder: str, network, optimizer, scaler, step: int, rngs: list, totals: dict,
+                config: dict, world: int) -> None:
+    state = {"model": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+             "model_config": network.config.to_dict(), "kind": network.config.kind,
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": rngs,
+             "totals": totals}
+    torch.save(state, Path(folder) / STATE_FILE)
+    summary = {"stage": config["stage"], "model": network.config.kind, "steps": step, "final_loss": totals["loss"],
+               "clips": totals["clips"], "train_seconds": round(totals["seconds"], 3),
+               "clips_per_s": clips_per_second(totals["clips"], totals["seconds"]),
+               "restarts": totals["restarts"], "resumed_from": totals["resumed_from"],
+               "global_batch": config["per_worker_batch"] * world, "workers": world,
+               "curve": totals.get("curve", [])}
+    (Path(folder) / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,156 @@
+"""Video files (.mp4, .mkv, ...) read and written one frame at a time with PyAV (FFmpeg).
+
+`probe(path)` reads the header only (size, frame count, rate); `read_frames(path)` yields decoded
+RGB frames one by one, so a video of any length never sits in memory whole; `VideoWriter` encodes
+frames one by one (H.264 when FFmpeg has it, else MPEG-4 Part 2). Errors name the file: a file
+FFmpeg cannot open, a frame it cannot decode, and a file that ends before the frame count its
+header promises (truncated).
+
+(Folders of frames, DAVIS and YouTube-VOS, are read by `stm_core.data.video`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from stm_core.data.io import DataError
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: Path
+    frames: int  # from the header: exact for MP4/MOV, estimated from duration x rate otherwise (0: unknown)
+    width: int
+    height: int
+    fps: float
+
+
+def _av():
+    try:
+        import av
+    except ModuleNotFoundError as err:  # pragma: no cover - av is a project dependency
+        raise DataError("reading video files needs PyAV: pip install av") from err
+    return av
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Size, frame count and rate from the container header (no decoding)."""
+    av = _av()
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: video file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{path}: no video stream in this file")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+            frames = int(stream.frames or 0)
+            if frames == 0 and stream.duration is not None and stream.time_base is not None:
+                frames = int(round(float(stream.duration * stream.time_base) * rate))
+            elif frames == 0 and container.duration:
+                frames = int(round(container.duration / 1_000_000 * rate))
+            return VideoInfo(path, frames, int(stream.codec_context.width), int(stream.codec_context.height), rate)
+    except av.error.FFmpegError as err:
+        raise DataError(f"{path}: not a readable video file, corrupt or truncated ({err})") from err
+
+
+def read_frames(path: str | Path, check_length: bool = True) -> Iterator[np.ndarray]:
+    """Yield each frame as uint8 `H x W x 3` RGB, decoding one at a time.
+
+    check_length: raise if the file ends before the frame count its header promises (a truncated
+    download); the frames before that point have already been yielded.
+    """
+    av = _av()
+    info = probe(path)
+    index = 0
+    try:
+        with av.open(str(info.path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # FFmpeg's own threads: decoding keeps up with the network
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")
+                index += 1
+    except av.error.FFmpegError as err:
+        raise DataError(f"{info.path}: cannot decode frame {index} ({err}); the file is corrupt or truncated") from err
+    if index == 0:
+        raise DataError(f"{info.path}: no frame could be decoded; the file is corrupt or empty")
+    exact = info.path.suffix.lower() in (".mp4", ".m4v", ".mov")
+    if check_length and exact and info.frames and index < info.frames:
+        raise DataError(f"{info.path}: truncated: decoded {index} of the {info.frames} frames its header lists")
+
+
+class VideoWriter:
+    """Encode RGB frames (uint8 `H x W x 3`, all one size) into a video file, one at a time.
+
+    Odd sizes are padded by one pixel (the YUV 4:2:0 encoders need even sizes). Use as a context
+    manager; the file is complete when it closes."""
+
+    def __init__(self, path: str | Path, fps: float = 25.0, crf: int = 23):
+        self.path = Path(path)
+        self.fps = fps
+        self.crf = crf
+        self._container = None
+        self._stream = None
+
+    def _open(self, height: int, width: int) -> None:
+        av = _av()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mp4 = self.path.suffix.lower() in (".mp4", ".m4v", ".mov")
+        # faststart: the index goes first, so players (and browsers) start before the file is all there
+        self._container = av.open(str(self.path), mode="w", options={"movflags": "faststart"} if mp4 else {})
+        rate = Fraction(self.fps).limit_denominator(1001)
+        codecs = [c for c in ("libx264", "h264", "mpeg4") if c in av.codecs_available]
+        if not codecs:
+            raise DataError(f"{self.path}: this FFmpeg build has no H.264 or MPEG-4 encoder")
+        self._stream = self._container.add_stream(codecs[0], rate=rate)
+        self._stream.width, self._stream.height = width + width % 2, height + height % 2
+        self._stream.pix_fmt = "yuv420p"
+        if codecs[0] == "libx264":
+            self._stream.options = {"crf": str(self.crf), "preset": "veryfast"}
+        else:
+            self._stream.bit_rate = 4_000_000
+
+    def write(self, image: np.ndarray) -> None:  # image: H x W x 3 uint8
+        av = _av()
+        h, w = image.shape[:2]
+        if self._container is None:
+            self._open(h, w)
+        if (h + h % 2, w + w % 2) != (self._stream.height, self._stream.width):
+            raise ValueError(f"{self.path}: frame is {w}x{h}, the video is {self._stream.width}x{self._stream.height}")
+        if h % 2 or w % 2:
+            image = np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image, dtype=np.uint8), format="rgb24")
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+
+    def close(self) -> None:
+        if self._container is None:
+            return
+        for packet in self._stream.encode():  # flush the encoder's delayed frames
+            self._container.mux(packet)
+        self._container.close()
+        self._container = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_video(path: str | Path, frames, fps: float = 25.0) -> int:
+    """Encode an iterable of RGB frames; -> frames written."""
+    n = 0
+    with VideoWriter(path, fps) as writer:
+        for image in frames:
+            writer.write(image)
+            n += 1
+    return n

@@ -1,0 +1,62 @@
+"""A checkpoint logged and registered the way training does it loads back from the registry by alias
+and segments exactly like InferenceCore on the same checkpoint; no pickle in the logged model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from tests.test_segment_many import tiny_checkpoint
+
+
+def test_registered_model_segments_like_inference_core(tmp_path: Path, monkeypatch) -> None:
+    import mlflow
+    import mlflow.pyfunc
+
+    from pipeline import tracking
+    from pipeline.train import registry
+    from stm_core.inference import InferenceCore, probabilities_to_mask
+    from stm_core.model.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt = tiny_checkpoint(tmp_path / "out" / "model.pt")
+    run_id = tracking.create_run(uri, "test", "train-stm", {"x": 1}, {})
+    s = SimpleNamespace(kind="stm", stage="train", model_out=ckpt)
+    start = time.monotonic()
+    record = registry.log_and_register(uri, run_id, None, s, "ckpts")
+    took = time.monotonic() - start
+    print(f"log_and_register: {took:.1f} s")
+    assert took < 30, f"logging took {took:.1f} s"
+    assert (ckpt.parent / registry.MODEL_INFO).is_file()
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = tracking.client(uri)
+    assert str(client.get_model_version_by_alias("STM", "latest-train").version) == record["version"]
+    model = mlflow.pyfunc.load_model("models:/STM@latest-train")
+    meta = model.metadata
+    assert meta.signature is not None and meta.saved_input_example_info is not None
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/STM/{record['version']}", dst_path=str(tmp_path / "dl")))
+    names = {p.name for p in local.rglob("*")}
+    assert "python_model.pkl" not in names and not any(n.endswith((".pkl", ".pickle")) for n in names), names
+
+    rng = np.random.default_rng(0)
+    frames = (rng.random((4, 64, 64, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:40, 20:44] = 1
+    got = model.predict({"frames": frames, "mask": mask})
+
+    core = InferenceCore(load_checkpoint(ckpt).eval())
+    want = []
+    with torch.inference_mode():
+        for t, f in enumerate(frames):
+            probs = core.step(torch.from_numpy(f).permute(2, 0, 1), torch.from_numpy(mask.astype(np.int64)) if t == 0 else None)
+            want.append(probabilities_to_mask(probs, core.object_ids).numpy())
+    core.close()
+    assert got.shape == (4, 64, 64)
+    np.testing.assert_array_equal(got, np.stack(want))

@@ -32,6 +32,7 @@ DEFAULT_PARAMS = "params.yaml"
 PLACEMENT_KEYS = (
     "ray.cpus_per_worker", "ray.gpus_per_worker", "ray.num_cpus", "ray.object_store_mb", "ray.storage",
     "ray.placement_strategy", "ray.data_min_actors", "ray.data_max_actors", "ray.data_cpus", "ray.materialize_max_mb",
+    "ray.eval_actors", "ray.wait_for_nodes_s",
     "storage.root", "storage.cache_mb",
     "mlflow.experiment", "mlflow.tracking_uri",
     "download.cache", "download.keep_archives", "download.retries", "download.timeout",

@@ -20,8 +20,8 @@ What the pool does for you:
 - before any work, it asks the autoscaler for the actors' resources (`request_resources`) and waits
   (at most `spec.wait_s`, saying so every `spec.say_every_s`) until a first actor has started: a
   cluster whose nodes have not joined yet is waited for, one that never fits an actor is an error;
-- each payload goes to the object store when its item is dispatched and is dropped when it finishes
-  (memory stays flat on long lists);
+- each payload is made (`Item.load`) and put in the object store when its item is dispatched, and
+  dropped when it finishes (memory stays flat on long lists);
 - a failed item (its exception, or its actor's death) is recorded in its `Outcome.error` and the
   other items continue; an actor that dies takes no more items (the others go on).
 """
@@ -43,7 +43,9 @@ class PoolError(RuntimeError):
 class Item:
     key: str  # unique name (a video, a (variant, sequence) pair); reported in outcomes and progress
     cost: float  # relative work (frames x objects ...): larger first
-    payload: Any  # the method's argument; travels through the object store
+    payload: Any = None  # the method's argument; travels through the object store
+    load: Callable[[], Any] | None = None  # makes the payload when the item is dispatched (big inputs
+    # are then read one item at a time, not all up front); used instead of `payload` when given
 
 
 @dataclass
@@ -62,6 +64,7 @@ class PoolSpec:
     method: str = "run"  # the worker method called with each payload
     wait_s: float = 300.0  # how long to wait for resources for a first actor before PoolError
     say_every_s: float = 15.0  # while waiting, print what is missing this often
+    can_grow: bool = True  # nodes may join (a cluster); False (a local Ray): no fit is an error at once
     progress: bool = False  # pass a `progress=` handle to the constructor (see module doc)
     options: dict = field(default_factory=dict)  # extra actor options (scheduling_strategy, runtime_env ...)
 
@@ -142,11 +145,11 @@ def _wait_for_first(actors: list, spec: PoolSpec) -> None:
         total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         need = {k: v for k, v in (("CPU", spec.num_cpus), ("GPU", spec.num_gpus)) if v > 0}
         fits = all(total.get(k, 0) >= v for k, v in need.items())  # else: no node could ever hold one
-        if waited >= spec.wait_s:
+        if waited >= spec.wait_s or not (fits or spec.can_grow):
             why = ("the actors were placed but none finished starting (a slow constructor?)" if fits else
                    f"each needs {need}, the cluster has {total} in all (add nodes with those resources, or "
                    "lower the per-worker CPUs/GPUs)")
-            raise PoolError(f"no actor started within {spec.wait_s:.0f} s: {why}")
+            raise PoolError(f"no actor started within {waited:.0f} s: {why}")
         if fits:
             print(f"workpool: {len(actors)} actor(s) starting ({waited:.0f} s)", file=sys.stderr)
         else:
@@ -156,12 +159,14 @@ def _wait_for_first(actors: list, spec: PoolSpec) -> None:
 
 def run_pool(worker_cls: type, actor_args: tuple, items: Sequence[Item], spec: PoolSpec | None = None,
              on_done: Callable[[Outcome], None] | None = None,
-             on_progress: Callable[[str, float], None] | None = None) -> list[Outcome]:
+             on_progress: Callable[[str, float], None] | None = None,
+             at_end: Callable[[list], None] | None = None) -> list[Outcome]:
     """Run every item on a pool of `worker_cls` actors; -> one Outcome per item, in completion order.
 
     `on_done(outcome)` runs on the driver as each item finishes (write its results there);
-    `on_progress(key, units)` as workers report units (spec.progress). Needs Ray initialised.
-    Actors are killed at the end, also on errors and Ctrl-C.
+    `on_progress(key, units)` as workers report units (spec.progress); `at_end(actors)` with the
+    live actor handles once every item is done (to collect per-actor figures). Needs Ray
+    initialised. Actors are killed at the end, also on errors and Ctrl-C.
     """
     import ray
 
@@ -181,6 +186,7 @@ def run_pool(worker_cls: type, actor_args: tuple, items: Sequence[Item], spec: P
     actors = [actor_cls.remote(*actor_args, **kwargs) for _ in range(n)]
     outcomes: list[Outcome] = []
     pending: dict = {}  # ref -> (item, actor, payload ref, start)
+    dead: list = []
     try:
         _wait_for_first(actors, spec)
         idle = list(actors)
@@ -198,7 +204,15 @@ def run_pool(worker_cls: type, actor_args: tuple, items: Sequence[Item], spec: P
                 item = queue[position]
                 position += 1
                 actor = idle.pop(0)
-                box = ray.put(item.payload)
+                try:
+                    box = ray.put(item.load() if item.load is not None else item.payload)
+                except Exception as err:  # noqa: BLE001 - an unreadable input fails its item only
+                    outcome = Outcome(item.key, error=f"{type(err).__name__}: {err}")
+                    idle.append(actor)
+                    outcomes.append(outcome)
+                    if on_done is not None:
+                        on_done(outcome)
+                    continue
                 ref = getattr(actor, spec.method).remote(box)
                 pending[ref] = (item, actor, box, time.monotonic())
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5 if sink is not None else None)
@@ -214,6 +228,7 @@ def run_pool(worker_cls: type, actor_args: tuple, items: Sequence[Item], spec: P
                 except ray.exceptions.RayActorError as err:  # the actor died (OOM, node lost): its item failed
                     outcome.error = f"worker died: {str(err).splitlines()[0]}"
                     actors_left -= 1  # the dead actor takes no more items
+                    dead.append(actor)
                 except Exception as err:  # noqa: BLE001 - RayTaskError wraps the worker's exception
                     cause = getattr(err, "cause", None) or err
                     outcome.error = f"{type(cause).__name__}: {cause}"
@@ -225,6 +240,8 @@ def run_pool(worker_cls: type, actor_args: tuple, items: Sequence[Item], spec: P
         if sink is not None and on_progress is not None:
             for key, units in ray.get(sink.drain.remote()).items():
                 on_progress(key, units)
+        if at_end is not None:
+            at_end([a for a in actors if a not in dead])
     finally:
         for a in actors:
             ray.kill(a)

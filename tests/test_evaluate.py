@@ -593,7 +593,7 @@ def test_the_driver_deserialises_each_checkpoint_once(tmp_path, monkeypatch):
 def test_work_is_dispatched_heaviest_first(tmp_path):
     """LPT order: long, many-object sequences with costly variants go first, copy-first last, so the
     actor pool does not end on one long item while the others idle."""
-    from pipeline.evaluate.stage import heaviest_first
+    from pipeline.evaluate.inputs import heaviest_first
     from stm_core.data.video import VideoSequence
 
     def sequence(name: str, frames: int, objects: int) -> VideoSequence:

@@ -321,6 +321,16 @@ def probe_read(network: STMNetwork, payload: SequencePayload, every: int, pictur
             "picture_frame": payload.frame_names[middle] if png else None}
 
 
+@dataclass
+class EvaluationJob:
+    """One item of the evaluation pool: a variant on a sequence, or (variant None) the read probe."""
+
+    variant: Variant | None
+    model: tuple[str, list] | None  # (sha256, [ObjectRef of the checkpoint bytes]), None for copy-first
+    payload: SequencePayload
+    every: int = 0  # the probe's memory interval
+
+
 class EvaluationWorker:
     """A Ray actor: one per reserved device share (one per GPU by default), fed (variant, sequence)
     items one at a time. Models load once per actor, not once per task (Ray starts a fresh process
@@ -334,6 +344,13 @@ class EvaluationWorker:
         set_winograd_mode("off" if reproducible else "auto")
         self.device, self.max_size, self.top_k, self.precision = device, max_size, top_k, precision
         self.cache = NetworkCache()
+
+    def work(self, job: EvaluationJob) -> SequenceResult | dict:
+        """The pool's entry point (pipeline.workpool)."""
+        if job.variant is None:
+            assert job.model is not None
+            return self.probe(job.model, job.payload, job.every)
+        return self.run(job.variant, job.model, job.payload)
 
     def run(self, variant: Variant, model: tuple[str, list] | None, payload: SequencePayload) -> SequenceResult:
         """`model` is (sha256, [ObjectRef of the checkpoint bytes]): the ref is wrapped in a list so

@@ -104,6 +104,8 @@ class RayParams:
     data_max_actors: int = 4  # Ray Data actors at most (and concurrent decode tasks of Parquet clips)
     data_cpus: float = 1.0  # CPUs each Ray Data task or actor of the training input reserves
     materialize_max_mb: float = 1024.0  # materialize: null computes inputs first only when their decoded clips fit in this
+    eval_actors: int | None = None  # evaluation actors (null: as many as the cluster holds when evaluate starts, at least one)
+    wait_for_nodes_s: float = 600.0  # on a cluster, how long evaluate waits for a node that fits one actor
 
 
 @dataclass

@@ -8,12 +8,9 @@ the driver writes. Prediction and scoring use the same decoded masks that the PN
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import hashlib
 import io
 import os
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from stm_core.model.checkpoint import load_checkpoint
 from stm_core.model.fast_path import set_winograd_mode
 from stm_core.model.network import STMNetwork
 from stm_core.postprocess import remove_far_blobs
+from stm_core.process_memory import peak_rss_bytes, release_free_heap, reset_peak_rss, rss_bytes
 from stm_core.read_probe import heatmap_picture, probe_sequence
 from stm_core.scoring.masks import MetricError
 from stm_core.scoring.sequences import SequenceScores, evaluate_sequence
@@ -108,41 +106,6 @@ def _warm_up(network: STMNetwork, device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- memory probes
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of this process (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since process start
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc), so RSS growth measures this task, not the last."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class PeakMemory:
     """Peak memory of the work between start() and stop(): CUDA max allocated, else the process's
     RSS growth (approximate on CPU: allocator caching and fragmentation count too)."""
@@ -155,14 +118,14 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
-            _release_free_heap()
-            _reset_peak_rss()
-            self.base = _rss_bytes()
+            release_free_heap()
+            reset_peak_rss()
+            self.base = rss_bytes()
 
     def stop(self) -> int:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated())
-        return max(0, _peak_rss_bytes() - self.base)
+        return max(0, peak_rss_bytes() - self.base)
 
 
 # ----------------------------------------------------------------------------- the task

@@ -7,7 +7,6 @@ the worker can also read the memory's size and the process's memory as the video
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import sys
@@ -23,6 +22,7 @@ from pipeline.segment.sources import VideoJob, frame_names, frame_size, load_giv
 from stm_core.data.io import DataError, index_mask_png
 from stm_core.inference import InferenceCore, memory_bytes, memory_entries, probabilities_to_mask
 from stm_core.model.checkpoint import load_checkpoint
+from stm_core.process_memory import peak_rss_bytes, release_free_heap, reset_peak_rss, rss_bytes
 
 REPORT_EVERY = 10  # frames between progress reports to the driver
 RSS_EVERY = 250  # frames between resident-memory samples in the video's record
@@ -43,41 +43,6 @@ class Settings:
 
     def key(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "device")}
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the kernel's high-water mark restarts from the current RSS
-    except OSError:
-        pass
-
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return rss_bytes()
-
-
-def _release_heap() -> None:
-    """Freed heap back to the OS (glibc), so one video's RSS does not carry into the next."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class SegmentWorker:
@@ -133,11 +98,11 @@ class SegmentWorker:
     def _segment(self, job: VideoJob, local, size: tuple[int, int], given: dict[int, torch.Tensor],
                  palette: list[int] | None, colours: np.ndarray, staged, writer) -> dict:
         s = self.settings
-        _release_heap()
+        release_free_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        _reset_peak()
+        reset_peak_rss()
         base_rss = rss_bytes()
         core = InferenceCore(self.network, s.memory, device=self.device, max_internal_size=s.max_size,
                              precision=s.precision)
@@ -185,7 +150,7 @@ class SegmentWorker:
         if self.device.type == "cuda":
             peak = int(torch.cuda.max_memory_allocated())
         else:
-            peak = max(0, _peak_rss() - base_rss)
+            peak = max(0, peak_rss_bytes() - base_rss)
         objects = sorted({int(i) for m in given.values() for i in m.unique().tolist() if i})
         return {"status": "done", "frames": frames, "objects": len(objects), "seconds": round(seconds, 3),
                 "fps": round(frames / seconds, 2) if seconds > 0 else None,

@@ -58,7 +58,9 @@ def tracking_uri(root: str | Path | None = None, configured: str = "") -> str:
 def client(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    # The registry too: left unset, it follows the process-wide registry URI, which any earlier
+    # `mlflow.set_registry_uri` in this process (another stage, a test) may have pointed elsewhere.
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def artifact_location(uri: str) -> str | None:

@@ -60,3 +60,21 @@ def test_registered_model_segments_like_inference_core(tmp_path: Path, monkeypat
     core.close()
     assert got.shape == (4, 64, 64)
     np.testing.assert_array_equal(got, np.stack(want))
+
+
+def test_client_reads_the_registry_of_its_own_store(tmp_path: Path) -> None:
+    """A client for store B reads B's registered models even after this process pointed the global
+    registry at store A (as registering a model does)."""
+    import mlflow
+
+    from pipeline import tracking
+
+    a, b = (f"sqlite:///{tmp_path / name}.db" for name in ("a", "b"))
+    tracking.client(b).create_registered_model("OnlyInB")
+    previous = mlflow.get_registry_uri()
+    mlflow.set_registry_uri(a)
+    try:
+        names = [m.name for m in tracking.client(b).search_registered_models()]
+    finally:
+        mlflow.set_registry_uri(previous)
+    assert names == ["OnlyInB"]

@@ -202,7 +202,7 @@ def test_pipeline_runs_on_two_nodes_sharing_no_disk(cluster):
     # One MLflow run per stage, with its metrics; registered model versions; evaluation linked to them.
     from mlflow import MlflowClient
 
-    client = MlflowClient(c["tracking"])
+    client = MlflowClient(tracking_uri=c["tracking"], registry_uri=c["tracking"])
     exp = client.get_experiment_by_name("stm-2node")
     runs = client.search_runs([exp.experiment_id], max_results=200)
     by_stage: dict[str, list] = {}
@@ -220,7 +220,9 @@ def test_pipeline_runs_on_two_nodes_sharing_no_disk(cluster):
     main = json.loads(Path(summary_file).read_text())  # the full training summary lives in MLflow
     assert main["restarts"] >= 1 and main["resumed_from"] == 2 and main["steps"] == 6, main
     versions = client.search_model_versions("name='STM'")
-    assert len(versions) == 2, [(v.name, v.version) for v in versions]
+    registered = [line for line in log.splitlines() if "MLflow model" in line]
+    assert len(versions) == 2, ([(v.name, v.version, v.tags, v.run_id) for v in client.search_model_versions()],
+                                registered)
     main_info = json.loads((out / "models" / "main" / "model.json").read_text())
     assert main_info["run_id"] == by_stage["train"][0].info.run_id
     evaluation = by_stage["evaluate"][0]

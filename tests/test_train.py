@@ -268,7 +268,8 @@ def test_pretrain_streams_parquet_on_ray(project, ray_2cpu):
     assert [a.path for a in overlays] == ["overlays/step_000002.png", "overlays/step_000004.png"]
     # the model is logged to the run and registered as a version of the one STM model
     info = json.loads((project / "models/pretrain/model.json").read_text())
-    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    store = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     version = client.get_model_version("STM", info["version"])
     assert info["run_id"] == run.info.run_id == version.run_id and info["model_uri"] == f"models:/STM/{info['version']}"
     assert version.tags["stage"] == "pretrain" and run.data.tags["registered_model"] == f"STM/{info['version']}"

@@ -74,8 +74,18 @@ def node_ips(nodes: list[dict] | None = None) -> list[str]:
     return sorted({n["NodeManagerAddress"] for n in (alive_nodes() if nodes is None else nodes)})
 
 
+def on_cluster() -> bool:
+    """This process runs against a Ray cluster (RAY_ADDRESS set by the user or by `ray job submit`),
+    not a Ray instance of its own. A cluster may gain nodes at any time (an autoscaler adds them
+    after the stage starts), so its nodes are never assumed to share this node's disk."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def is_multi_node(nodes: list[dict] | None = None) -> bool:
-    """More than one node: the stage's local files are not where its tasks may run."""
+    """A run against a cluster, or more than one node up: the stage's local files are not where its
+    tasks may run, now or once the cluster grows."""
+    if on_cluster():
+        return True
     nodes = alive_nodes() if nodes is None else nodes
     return len(nodes) > 1
 
@@ -91,8 +101,8 @@ def require_shared(stage: str, locations: Mapping[str, str], nodes: list[dict] |
         where = os.environ.get("RAY_ADDRESS") or "the connected cluster"
         names = "; ".join(f"{k} = {v}" for k, v in local.items())
         raise ClusterError(
-            f"{names}: a local path, but Ray at {where} has {len(nodes)} nodes that share no disk, so the tasks of "
-            f"`stm {stage}` on other nodes would not find it. Set storage.root to a URI every node reaches "
+            f"{names}: a local path, but Ray at {where} is a cluster ({len(nodes)} nodes now, more may join) whose "
+            f"nodes share no disk, so the tasks of `stm {stage}` on other nodes would not find it. Set storage.root to a URI every node reaches "
             "(s3://bucket/prefix, gs://..., or file:// on a shared mount), or give these keys URIs.")
 
 
@@ -103,11 +113,12 @@ def is_loopback(host: str | None) -> bool:
 def resolve_tracking_uri(uri: str, nodes: list[dict] | None = None, driver_ip: str | None = None) -> str:
     """The MLflow address every node can use.
 
-    One machine: unchanged. A cluster: a loopback server address (the head exporting
-    http://127.0.0.1:5000) becomes the driver node's address, which other nodes reach (the server
-    must listen on it: `mlflow server --host 0.0.0.0`); loopback stays when every node has the
-    driver's address (nodes on one host). A database or file store (sqlite, file paths) would be one
-    private store per node: refused with a clear error.
+    One machine: unchanged. A cluster: a loopback server address (a head exporting
+    http://127.0.0.1:5000) becomes the driver node's address, which every node reaches, including
+    nodes that join later (the server must listen on it: `mlflow server --host 0.0.0.0`). Only when
+    the driver node itself is registered at a loopback address (`ray start --node-ip-address
+    127.0.0.1`: every node of such a cluster is on this host) does loopback stay. A database or file
+    store (sqlite, file paths) would be one private store per node: refused with a clear error.
     """
     nodes = alive_nodes() if nodes is None else nodes
     if not is_multi_node(nodes):
@@ -115,20 +126,24 @@ def resolve_tracking_uri(uri: str, nodes: list[dict] | None = None, driver_ip: s
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https", "databricks"):
         raise ClusterError(
-            f"MLflow tracking URI {uri!r}: a local store, but Ray runs on {len(nodes)} nodes; each would write its "
-            "own. Start one `mlflow server` (infra/mlflow/) and set MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to "
-            "its http:// address.")
+            f"MLflow tracking URI {uri!r}: a local store, but Ray runs as a cluster ({len(nodes)} nodes now); each "
+            "node would write its own. Start one `mlflow server` (infra/mlflow/) and set MLFLOW_TRACKING_URI (or "
+            "mlflow.tracking_uri) to its http:// address.")
     if parts.scheme == "databricks" or not is_loopback(parts.hostname):
         return uri
-    ips = node_ips(nodes)
     if driver_ip is None:
         import ray
 
         me = ray.get_runtime_context().get_node_id()
         driver_ip = next((n["NodeManagerAddress"] for n in nodes if n.get("NodeID") == me), None)
-    if len(ips) == 1 and ips[0] == driver_ip:
-        return uri  # all nodes on this host (a loopback test cluster)
+    if not driver_ip:
+        raise ClusterError(
+            f"MLflow tracking URI {uri!r}: a loopback address, and this driver's node address is unknown; give the "
+            "server's address that every node reaches.")
+    ips = node_ips(nodes)
     if is_loopback(driver_ip):
+        if all(is_loopback(ip) for ip in ips):
+            return uri  # the cluster was started on loopback: all of its nodes are on this host
         raise ClusterError(
             f"MLflow tracking URI {uri!r}: a loopback address, but the cluster's nodes are at {', '.join(ips)}; "
             "give the server's address that every node reaches.")

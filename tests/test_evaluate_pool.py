@@ -32,7 +32,7 @@ def write_inputs(root: Path, variants: list[str]) -> dict:
 
     make_tiny_davis(root / "bench", frames=4, size=48, extra=1)
     torch.manual_seed(0)
-    save_checkpoint(root / "stm.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=16)))
+    save_checkpoint(root / "stm.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=16, norm="frozen_bn")))
     return {"evaluate": {"variants": variants, "dataset": str(root / "bench"), "split": "val",
                          "stm_model": str(root / "stm.pt"), "num_cpus": 1, "overlays": 0, "probe_sequences": 1},
             "memory": {"every": 2}, "mlflow": {"experiment": "test-eval-pool"}}
@@ -94,12 +94,15 @@ def test_evaluation_waits_for_a_worker_node_and_finishes_when_one_joins(tmp_path
     base = Path(tempfile.mkdtemp(prefix="stmwait-", dir="/tmp"))  # short: Ray's socket paths
     procs = lb.Processes(marker=str(base))
     try:
+        # A run against a cluster logs to a server every node reaches (a local store is refused there).
+        tracking, server = lb.start_mlflow(procs, base, lb.clean_env(), str(base / "mlartifacts"))
         head = lb.start_head(procs, base / "head", base / "head.log", cpus=0)
         params = write_inputs(tmp_path, ["copy-first", "stm:first"])
         params["ray"] = {"wait_for_nodes_s": 240}
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         log = tmp_path / "evaluate.log"
-        env = lb.clean_env(RAY_ADDRESS=head.gcs_address, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        lb.wait_mlflow(tracking, server, base)
+        env = lb.clean_env(RAY_ADDRESS=head.gcs_address, MLFLOW_TRACKING_URI=tracking)
         stage = procs.start([sys.executable, "-m", "pipeline.cli", "evaluate", "--params", "params.yaml"], log, env,
                             cwd=tmp_path)
         lb.wait_for(lambda: "waiting for resources" in lb.tail(log) or stage.poll() is not None, 180,

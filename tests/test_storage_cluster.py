@@ -14,6 +14,11 @@ TWO = ONE + [{"NodeID": "b", "NodeManagerAddress": "10.0.0.2", "Alive": True}]
 LOOPBACK_TWO = [{"NodeID": "a", "NodeManagerAddress": "127.0.0.1"}, {"NodeID": "b", "NodeManagerAddress": "127.0.0.1"}]
 
 
+@pytest.fixture(autouse=True)
+def _no_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # each test says which cluster it is on
+
+
 def test_local_paths_are_fine_on_one_node_and_refused_on_two():
     require_shared("train", {"train.data": "data/raw/x", "ray.storage": "/abs/checkpoints"}, ONE)
     require_shared("train", {"train.data": "s3://b/x", "ray.storage": "file:///mnt/shared/ckpt"}, TWO)
@@ -37,6 +42,21 @@ def test_a_loopback_server_becomes_the_driver_nodes_address():
     assert resolve_tracking_uri("http://127.0.0.1:5000", LOOPBACK_TWO, driver_ip="127.0.0.1") == "http://127.0.0.1:5000"
     with pytest.raises(ClusterError, match="loopback"):
         resolve_tracking_uri("http://127.0.0.1:5000", TWO, driver_ip="127.0.0.1")
+
+
+def test_a_run_against_a_cluster_is_multi_node_whoever_is_up(monkeypatch):
+    """An autoscaling cluster may hold only its head when a stage starts; the nodes that join later
+    share no disk with it and cannot reach its loopback address."""
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as `ray job submit` sets it
+    with pytest.raises(ClusterError, match=r"ray.storage = checkpoints.*a cluster \(1 nodes now, more may join\)"):
+        require_shared("train", {"ray.storage": "checkpoints"}, ONE)
+    require_shared("train", {"ray.storage": "s3://b/ckpt"}, ONE)
+    assert resolve_tracking_uri("http://127.0.0.1:5000", ONE, driver_ip="10.0.0.1") == "http://10.0.0.1:5000"
+    with pytest.raises(ClusterError, match="local store"):
+        resolve_tracking_uri("sqlite:////repo/mlflow.db", ONE, driver_ip="10.0.0.1")
+    # a head registered at loopback: every node of it is on this host
+    assert resolve_tracking_uri("http://127.0.0.1:5000", LOOPBACK_TWO[:1], driver_ip="127.0.0.1") == \
+        "http://127.0.0.1:5000"
 
 
 def test_uris_join_and_unknown_schemes_are_errors():

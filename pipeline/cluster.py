@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
@@ -110,15 +110,31 @@ def is_loopback(host: str | None) -> bool:
     return not host or host.startswith(LOOPBACK)
 
 
-def resolve_tracking_uri(uri: str, nodes: list[dict] | None = None, driver_ip: str | None = None) -> str:
+def server_answers(uri: str, timeout_s: float = 3.0) -> bool:
+    """An HTTP server at `uri` takes requests addressed to it: any status (a login-protected server
+    answers 401) but 403, which MLflow gives a Host it does not accept (`--allowed-hosts`)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/version", timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError as err:
+        return err.code != 403
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_tracking_uri(uri: str, nodes: list[dict] | None = None, driver_ip: str | None = None,
+                         answers: Callable[[str], bool] = server_answers) -> str:
     """The MLflow address every node can use.
 
     One machine: unchanged. A cluster: a loopback server address (a head exporting
     http://127.0.0.1:5000) becomes the driver node's address, which every node reaches, including
-    nodes that join later (the server must listen on it: `mlflow server --host 0.0.0.0`). Only when
-    the driver node itself is registered at a loopback address (`ray start --node-ip-address
-    127.0.0.1`: every node of such a cluster is on this host) does loopback stay. A database or file
-    store (sqlite, file paths) would be one private store per node: refused with a clear error.
+    nodes that join later (the server must listen on it: `mlflow server --host 0.0.0.0`); a server
+    that does not take requests there is refused before any work, so no worker is handed a
+    loopback address. A database or file store (sqlite, file paths) would be one
+    private store per node: refused with a clear error.
     """
     nodes = alive_nodes() if nodes is None else nodes
     if not is_multi_node(nodes):
@@ -149,5 +165,11 @@ def resolve_tracking_uri(uri: str, nodes: list[dict] | None = None, driver_ip: s
             "give the server's address that every node reaches.")
     netloc = driver_ip + (f":{parts.port}" if parts.port else "")
     resolved = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    log.info("MLflow: %s is loopback; the cluster's nodes use the driver node's address %s", uri, resolved)
-    return resolved
+    if answers(resolved):
+        log.info("MLflow: %s is loopback; the cluster's nodes use the driver node's address %s", uri, resolved)
+        return resolved
+    raise ClusterError(
+        f"MLflow tracking URI {uri!r}: a loopback address, which the cluster's nodes ({', '.join(ips)}) and those "
+        f"that join later cannot use, and no server takes requests at the driver node's address {resolved}. Start "
+        "it with `mlflow server --host 0.0.0.0` (and `--allowed-hosts` naming that address if it is not a private "
+        "IP), or give the server's address that every node reaches.")

@@ -44,7 +44,8 @@ def check(params_file: str | Path, nodes: list[dict], driver_ip: str) -> dict[st
             found.update({f"{k} ({kind})": v for k, v in locations.items()})
     mlflow_p = section(params, "mlflow", tracking.MlflowParams)
     uri = tracking.tracking_uri(tracking.project_root(params_file), mlflow_p.tracking_uri)
-    found["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(uri, nodes, driver_ip=driver_ip)
+    found["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(uri, nodes, driver_ip=driver_ip,
+                                                     answers=lambda _: True)  # the params alone: no server is probed
     return found
 
 

@@ -147,10 +147,15 @@ def start_moto(procs: Processes, base: Path, env: dict[str, str]) -> str:
 
 def start_mlflow(procs: Processes, base: Path, env: dict[str, str], artifacts: str) -> tuple[str, subprocess.Popen]:
     """-> (URL, process): not waited for (it starts in parallel with Ray); see wait_mlflow."""
+    import ray
+
+    # As on a cluster's head: every address of this host, the node address Ray registers included
+    # (a stage hands its nodes that address, never loopback).
     port = free_port()
-    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}", "--artifacts-destination", artifacts,
-            "--workers", "1"]
+    hosts = f"localhost:*,127.0.0.1:*,{ray.util.get_node_ip_address()}:*"
+    args = [sys.executable, "-m", "mlflow", "server", "--host", "0.0.0.0", "--port", str(port),
+            "--allowed-hosts", hosts, "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+            "--artifacts-destination", artifacts, "--workers", "1"]
     proc = procs.start(args, base / "mlflow.log", env)
     return f"http://127.0.0.1:{port}", proc
 

@@ -55,12 +55,15 @@ def workdir():
 
 @pytest.fixture(scope="module")
 def mlflow_server(workdir):
-    """infra/mlflow/start-server.sh on 127.0.0.1 with a sqlite store (every option the script can pass,
-    so an option this MLflow lacks fails here); started before the cluster so both warm up together.
-    Tests call wait_ready()."""
+    """infra/mlflow/start-server.sh on every address of this host, as on a cluster's head, with a
+    sqlite store (every option the script can pass, so an option this MLflow lacks fails here);
+    started before the cluster so both warm up together. Tests call wait_ready()."""
+    import ray
+
     port = lb.free_port()
-    env = lb.clean_env(MLFLOW_DATA_DIR=str(workdir / "mlflow"), MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port),
-                       MLFLOW_WORKERS="1", MLFLOW_ALLOWED_HOSTS="127.0.0.1:*,localhost:*", MLFLOW_AUTH="none")
+    hosts = f"127.0.0.1:*,localhost:*,{ray.util.get_node_ip_address()}:*"  # the node address stages hand out
+    env = lb.clean_env(MLFLOW_DATA_DIR=str(workdir / "mlflow"), MLFLOW_HOST="0.0.0.0", MLFLOW_PORT=str(port),
+                       MLFLOW_WORKERS="1", MLFLOW_ALLOWED_HOSTS=hosts, MLFLOW_AUTH="none")
     procs = lb.Processes(marker=str(workdir / "mlflow"))
     log = workdir / "mlflow-server.log"
     proc = procs.start(["bash", str(REPO / "infra" / "mlflow" / "start-server.sh")], log, env)
@@ -106,7 +109,7 @@ def shared_storage(root: Path) -> Path:
     write_builtin_videos(bench, BuiltinVideosConfig(height=64, width=64, frames=4, train_sequences=1,
                                                     val_sequences=2, max_objects=2), seed=0)
     torch.manual_seed(0)
-    save_checkpoint(root / "models" / "main" / "model.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=32)))
+    save_checkpoint(root / "models" / "main" / "model.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=32, norm="frozen_bn")))
     params = {
         "evaluate": {"variants": ["copy-first", "stm:first"], "dataset": str(bench), "split": "val",
                      "stm_model": str(root / "models" / "main" / "model.pt"), "num_cpus": 1, "overlays": 1},
@@ -155,7 +158,10 @@ def test_ray_job_submit_runs_stm_evaluate_on_the_cluster(ray_head, mlflow_server
             pngs = sorted((shared / "results" / variant / seq).glob("*.png"))
             assert [p.name for p in pngs] == [f"{t:05d}.png" for t in range(4)], (variant, seq)
     evaluation = json.loads((shared / "results" / "evaluation.json").read_text())
-    assert evaluation["tracking_uri"] == tracking
+    # the loopback address the job was given is never handed on: the driver node's address is
+    import ray
+
+    assert evaluation["tracking_uri"] == tracking.replace("127.0.0.1", ray.util.get_node_ip_address())
 
     from mlflow import MlflowClient
 

@@ -34,14 +34,57 @@ def test_a_local_tracking_store_is_refused_on_a_cluster(uri):
         resolve_tracking_uri(uri, TWO, driver_ip="10.0.0.1")
 
 
+def _answers_at(*uris: str):
+    return lambda uri: uri in uris
+
+
 def test_a_loopback_server_becomes_the_driver_nodes_address():
-    assert resolve_tracking_uri("http://127.0.0.1:5000", TWO, driver_ip="10.0.0.1") == "http://10.0.0.1:5000"
-    assert resolve_tracking_uri("http://localhost:5000/x", TWO, driver_ip="10.0.0.2") == "http://10.0.0.2:5000/x"
+    anywhere = lambda uri: True  # noqa: E731 (a server listening on every address)
+    assert resolve_tracking_uri("http://127.0.0.1:5000", TWO, driver_ip="10.0.0.1", answers=anywhere) == \
+        "http://10.0.0.1:5000"
+    assert resolve_tracking_uri("http://localhost:5000/x", TWO, driver_ip="10.0.0.2", answers=anywhere) == \
+        "http://10.0.0.2:5000/x"
     assert resolve_tracking_uri("http://mlflow.internal:5000", TWO, driver_ip="10.0.0.1") == "http://mlflow.internal:5000"
     # every node on this host (a loopback test cluster): loopback reaches the server from all of them
     assert resolve_tracking_uri("http://127.0.0.1:5000", LOOPBACK_TWO, driver_ip="127.0.0.1") == "http://127.0.0.1:5000"
     with pytest.raises(ClusterError, match="loopback"):
         resolve_tracking_uri("http://127.0.0.1:5000", TWO, driver_ip="127.0.0.1")
+
+
+def test_a_loopback_server_that_does_not_answer_at_the_drivers_address_is_refused():
+    """A worker is never handed a loopback address, even while every node is on the driver's host:
+    a node that joins later from another host would not reach it."""
+    loopback_only = _answers_at("http://127.0.0.1:5000")
+    same_host = [{"NodeID": "a", "NodeManagerAddress": "10.0.0.1"}, {"NodeID": "b", "NodeManagerAddress": "10.0.0.1"}]
+    for nodes in (same_host, TWO):
+        with pytest.raises(ClusterError, match=r"no server takes requests at the driver node's address "
+                                               r"http://10.0.0.1:5000.*--host 0.0.0.0"):
+            resolve_tracking_uri("http://127.0.0.1:5000", nodes, driver_ip="10.0.0.1", answers=loopback_only)
+
+
+def test_server_answers_probes_a_real_address():
+    import http.server
+    import threading
+
+    from pipeline.cluster import server_answers
+
+    class Refusing(http.server.BaseHTTPRequestHandler):  # MLflow's answer to a Host it does not accept
+        def do_GET(self):
+            self.send_error(403 if self.path == "/refuse/version" else 404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert server_answers(f"http://127.0.0.1:{server.server_port}")  # 404: a server, answering
+        assert not server_answers(f"http://127.0.0.1:{server.server_port}/refuse")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not server_answers(f"http://127.0.0.1:{server.server_port}", timeout_s=1.0)
 
 
 def test_a_run_against_a_cluster_is_multi_node_whoever_is_up(monkeypatch):
@@ -51,7 +94,8 @@ def test_a_run_against_a_cluster_is_multi_node_whoever_is_up(monkeypatch):
     with pytest.raises(ClusterError, match=r"ray.storage = checkpoints.*a cluster \(1 nodes now, more may join\)"):
         require_shared("train", {"ray.storage": "checkpoints"}, ONE)
     require_shared("train", {"ray.storage": "s3://b/ckpt"}, ONE)
-    assert resolve_tracking_uri("http://127.0.0.1:5000", ONE, driver_ip="10.0.0.1") == "http://10.0.0.1:5000"
+    assert resolve_tracking_uri("http://127.0.0.1:5000", ONE, driver_ip="10.0.0.1", answers=lambda uri: True) == \
+        "http://10.0.0.1:5000"
     with pytest.raises(ClusterError, match="local store"):
         resolve_tracking_uri("sqlite:////repo/mlflow.db", ONE, driver_ip="10.0.0.1")
     # a head registered at loopback: every node of it is on this host

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.pyfunc import PythonModel  # `mlflow.pyfunc` is a lazy loader to the type checker
 
 
-class SegmentationModel(mlflow.pyfunc.PythonModel):
+class SegmentationModel(PythonModel):
     """`InferenceCore` around the checkpoint in artifact `checkpoint`, memory policy `every:5`."""
 
     def load_context(self, context) -> None:

@@ -21,11 +21,14 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # every params section is a dataclass
 DEFAULT_PARAMS = "params.yaml"
 # Keys that say where work runs or where results are kept, never what the results are. No stage
 # depends on them in dvc.yaml, so `dvc exp run -S ray.storage=s3://...` or more CPUs re-run nothing.
@@ -175,7 +178,8 @@ def _recorded(data: dict[str, Any], sink_file: str) -> dict[str, Any]:
 
 
 def section(params: dict[str, Any], name: str, cls: type[T]) -> T:
-    """Build dataclass `cls` from `params[name]` (missing keys take the dataclass defaults)."""
+    """Build dataclass `cls` from `params[name]` (missing keys take the dataclass defaults, which
+    equal params.yaml's values; a field without one must be given)."""
     where = f"{params.get('__file__', DEFAULT_PARAMS)}: {name}"
     raw = params.get(name, {})
     return from_dict(cls, raw if raw is not None else {}, where)
@@ -188,6 +192,10 @@ def from_dict(cls: type[T], raw: Any, where: str) -> T:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    missing = sorted(n for n, f in fields.items() if n not in raw and f.init
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ParamsError(f"{where}: missing key(s) {missing} (no default: params.yaml sets them)")
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in raw.items():
@@ -202,7 +210,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
+        return from_dict(typing.cast(type, hint), value, where)  # a field's hint is a class, not an instance
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

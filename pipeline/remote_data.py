@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
+from typing import cast
 
 from pipeline import storage
 from stm_core.data.io import DataError
@@ -36,7 +38,8 @@ def _sequence(uri: str, frames_dir: str, masks_dir: str, name: str, frames: list
         if m.stem not in by_stem:
             raise DataError(f"{m.uri}: annotation has no frame {m.stem}.* in {storage.join(uri, frames_dir)}")
         annotations[by_stem[m.stem]] = m
-    return VideoSequence(name, files, annotations)
+    # a StoreFile stands in for the Path the readers take (name, stem, suffix, parent, os.fspath)
+    return VideoSequence(name, cast(list[Path], files), cast(dict[int, Path], annotations))
 
 
 def read_davis_at(uri: str, split: str | None, cache_mb: float = 0.0, year: str = "2017",
@@ -116,8 +119,9 @@ class StorePairs:
             if not images:
                 raise DataError(f"{root}: no image + mask pairs (images/ + masks/)")
             for stem in sorted(images, key=lambda s: natural_key(storage.StoreFile(s))):
-                self.pairs.append(ImageMaskPair(storage.StoreFile(storage.join(root, images[stem]), cache_mb),
-                                                storage.StoreFile(storage.join(root, masks[stem]), cache_mb)))
+                image = storage.StoreFile(storage.join(root, images[stem]), cache_mb)
+                mask = storage.StoreFile(storage.join(root, masks[stem]), cache_mb)
+                self.pairs.append(ImageMaskPair(cast(Path, image), cast(Path, mask)))  # stand-ins, as above
 
     def __len__(self) -> int:
         return len(self.pairs)

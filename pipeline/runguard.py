@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from pipeline import storage
 
@@ -131,7 +131,7 @@ def call_interruptibly(fn: Callable[[], T], wait_after_stop: float = 0.0) -> T:
     return box["value"]
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End a stopped process without interpreter teardown: a helper thread may still be inside
     native code (a training step, a Ray call), and tearing down under it aborts the process."""
     sys.stdout.flush()
@@ -167,6 +167,12 @@ class RunLock:
     def where(self) -> str:
         return self.uri or str(self.path)
 
+    @property
+    def _file(self) -> Path:
+        """The local lock file, where there is no store URI."""
+        assert self.path is not None, "a run lock has a store URI or a local path"
+        return self.path
+
     def record(self) -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage, "token": self.token,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "heartbeat": time.time(),
@@ -175,7 +181,7 @@ class RunLock:
     # -- reading and judging a lock
     def read(self) -> dict | None:
         try:
-            data = storage.read_bytes(self.uri) if self.uri else self.path.read_bytes()
+            data = storage.read_bytes(self.uri) if self.uri else self._file.read_bytes()
         except (FileNotFoundError, OSError):
             return None
         try:
@@ -212,11 +218,11 @@ class RunLock:
             if not now or now.get("token") != self.token:
                 raise self._refuse(now or {})
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{self.token}")
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._file.with_name(f".{self._file.name}.{self.token}")
             tmp.write_bytes(data)
             try:
-                os.link(tmp, self.path)  # atomic, fails if another process made it first
+                os.link(tmp, self._file)  # atomic, fails if another process made it first
             except FileExistsError:
                 raise self._refuse(self.read() or {}) from None
             finally:
@@ -235,9 +241,9 @@ class RunLock:
                 if self.uri:
                     storage.write_bytes(self.uri, json.dumps(record).encode())
                 else:
-                    tmp = self.path.with_name(f".{self.path.name}.{self.token}")
+                    tmp = self._file.with_name(f".{self._file.name}.{self.token}")
                     tmp.write_text(json.dumps(record))
-                    os.replace(tmp, self.path)
+                    os.replace(tmp, self._file)
             except OSError:
                 pass  # the next beat tries again
 
@@ -247,7 +253,7 @@ class RunLock:
                 fs, path = storage.filesystem(self.uri)
                 fs.delete_file(path)
             else:
-                self.path.unlink(missing_ok=True)
+                self._file.unlink(missing_ok=True)
         except (FileNotFoundError, OSError):
             pass
 

@@ -298,7 +298,7 @@ def object_checksums(uri: str, names: list[str]) -> list[dict]:
 
 def local_or_cached(location: str | Path) -> Path:
     """A local folder for `location`: itself when local, else this node's cached copy of the URI."""
-    return node_cache(location) if is_uri(location) else Path(location)
+    return node_cache(str(location)) if is_uri(location) else Path(location)
 
 
 def remote_mirror(root: str, workspace: Path, local: Path) -> str | None:

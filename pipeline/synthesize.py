@@ -41,7 +41,7 @@ class ClipSetParams:
 
 
 def _default_sets() -> dict[str, ClipSetParams]:
-    return {"stm": ClipSetParams(3, 1000), "strmn": ClipSetParams(5, 500)}
+    return {"stm": ClipSetParams(3, 240), "strmn": ClipSetParams(5, 120)}
 
 
 @dataclass
@@ -178,8 +178,8 @@ def synthesize_set(name: str, n_frames: int, clips: int, p: SynthesizeParams, ro
     else:
         ds.write_parquet(str(tmp), **write)
     seconds = time.perf_counter() - start
-    shards = sorted(o["path"] for o in objects) if mirror else sorted(f.name for f in tmp.glob("*.parquet"))
-    manifest = {"set": name, "clips": clips, "frames": n_frames, "shards": shards,
+    shard_names = sorted(o["path"] for o in objects) if mirror else sorted(f.name for f in tmp.glob("*.parquet"))
+    manifest = {"set": name, "clips": clips, "frames": n_frames, "shards": shard_names,
                 **({"store": mirror, "objects": objects} if mirror else {}),
                 "seed": p.seed, "sources": [str(r).rstrip("/").rsplit("/", 1)[-1] for r in roots],
                 "config": asdict(cfg)}
@@ -277,17 +277,20 @@ def run_synthesize(params_file: str | Path, only: list[str] | None = None) -> li
             print(f"synthesize: {s.clips} clips x {s.frames} frames -> {out}" + (f" (via {mirror})" if mirror else ""),
                   file=sys.stderr)
             split = "train" if s.val_clips > 0 else "all"
-            r = synthesize_set(name, s.frames, s.clips, p, sources, out, mirror=mirror, split=split, cache_mb=cache)
+            summary = synthesize_set(name, s.frames, s.clips, p, sources, out, mirror=mirror, split=split,
+                                     cache_mb=cache)
             if s.val_clips > 0:  # after the set: replacing <set>/ would remove them. "_": readers skip it
                 val = out / VAL_DIR
                 synthesize_set(f"{name}/val", s.frames, s.val_clips, p, sources, val,
                                mirror=storage.remote_mirror(store, root, val), split="val", cache_mb=cache)
                 print(f"synthesize: {name}: {s.val_clips} validation clips from held-out images -> {val}",
                       file=sys.stderr)
-            print(f"synthesize: {name}: {r['clips_per_s']:.1f} clips/s on {r['actors']} actors", file=sys.stderr)
-            tracking.RunLogger(uri, run_id).metrics({f"{name}.clips": r["clips"], f"{name}.seconds": r["seconds"],
-                                                     f"{name}.clips_per_s": r["clips_per_s"]}, step=0)
-            results.append(r)
+            print(f"synthesize: {name}: {summary['clips_per_s']:.1f} clips/s on {summary['actors']} actors",
+                  file=sys.stderr)
+            tracking.RunLogger(uri, run_id).metrics({f"{name}.clips": summary["clips"],
+                                                     f"{name}.seconds": summary["seconds"],
+                                                     f"{name}.clips_per_s": summary["clips_per_s"]}, step=0)
+            results.append(summary)
         status = "FINISHED"
     finally:
         if run_id:

@@ -97,7 +97,7 @@ def actor_count(spec: PoolSpec, items: int, total: dict[str, float] | None = Non
 class _Progress:
     """The progress sink (a Ray actor): workers add units, the driver drains them."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.units: dict[str, float] = {}
 
     def add(self, key: str, units: float) -> None:
@@ -180,8 +180,10 @@ def run_pool(worker_cls: type, actor_args: tuple, items: Sequence[Item], spec: P
     _request(spec, n)
     options = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
                "scheduling_strategy": "SPREAD", **spec.options}  # SPREAD: fill every node, not the first
-    actor_cls = ray.remote(worker_cls).options(**options)
-    sink = ray.remote(_Progress).options(num_cpus=0).remote() if spec.progress else None
+    # Any: Ray types a handle as `ActorHandle[T] | type[T]`, whose methods have no `.remote`, and
+    # `ray.kill` takes only the first; worker_cls is any class, so its handles are untyped anyway
+    actor_cls: Any = ray.remote(worker_cls).options(**options)
+    sink: Any = ray.remote(_Progress).options(num_cpus=0).remote() if spec.progress else None
     kwargs = {"progress": sink} if sink is not None else {}
     actors = [actor_cls.remote(*actor_args, **kwargs) for _ in range(n)]
     outcomes: list[Outcome] = []

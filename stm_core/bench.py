@@ -76,8 +76,9 @@ def bench_video(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     rss_start = _rss_bytes()
     g = torch.Generator().manual_seed(args.seed)
+    # The paper's inference network (frozen BatchNorm, folded away; a 256-channel decoder).
     config = ModelConfig(kind="strmn" if args.memory.startswith("recurrent") else "stm",
-                         backbone=args.backbone, top_k=args.top_k)
+                         backbone=args.backbone, top_k=args.top_k, norm="frozen_bn", decoder_dim=256)
     network = STMNetwork(config).to(device).eval()
     if args.channels_last:
         network = network.to(memory_format=torch.channels_last)

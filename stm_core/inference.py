@@ -178,7 +178,7 @@ class InferenceCore:
             split = self._lanes.decoder_split(len(group.object_ids))
             keys, values = group.memory.keys_values()
             logits = self.network.decode(self.network.read(query, keys[None], values[None]), query.skips,
-                                         image.shape[-2:], skip_features, split)
+                                         (image.shape[-2], image.shape[-1]), skip_features, split)
             fg.append(torch.sigmoid(unpad(logits, pad)[0].float()))
         probs = torch.cat(fg, 0)  # O x h x w, each object on its own
         # Soft aggregation makes the objects compete for each pixel before they are memorised.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ def check_precision(precision: str) -> str:
 
 
 def _backend(name: str):
-    obj = torch.backends
+    obj: Any = torch.backends  # walks into submodules, then None where a backend is missing
     for part in filter(None, name.split(".")):
         obj = getattr(obj, part, None)
     return obj

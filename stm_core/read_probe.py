@@ -120,7 +120,7 @@ def probe_sequence(
         if all(t <= f for f in firsts.values()):
             continue
         query = network.encode_query(_pad(frames[t])[None].to(device))
-        size = tuple(query.key.shape[-2:])
+        size = (query.key.shape[-2], query.key.shape[-1])  # h, w of the keys
         q = to_tokens(query.key[0]).cpu()  # Lq x Ck
         for s in {t, *[f for f in annotated if f < t]}:
             if s not in shares:

@@ -50,8 +50,8 @@ def load_annotations(
             if not resize_masks:
                 raise DataError(f"{path}: mask is {ids.shape[1]}x{ids.shape[0]} but frame {frame_paths[t].name} "
                                 f"is {w}x{h}; fix the mask or pass --resize-masks")
-            ids = F.interpolate(torch.from_numpy(ids)[None, None].float(), size=(h, w), mode="nearest")[0, 0]
-            ids = ids.to(torch.uint8).numpy()
+            resized = F.interpolate(torch.from_numpy(ids)[None, None].float(), size=(h, w), mode="nearest")[0, 0]
+            ids = resized.to(torch.uint8).numpy()
         masks[t] = torch.from_numpy(ids.astype(np.int64))
     if 0 not in masks:
         raise DataError(f"{masks_dir}: no mask for the first frame {frame_paths[0].stem}.png")

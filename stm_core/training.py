@@ -101,7 +101,7 @@ def read_loss(
     term makes the memory's content reach the decoder (docs/findings.md).
     """
     num_labels = valid.shape[1] + 1
-    size = tuple(query_key.shape[-2:])
+    size = (query_key.shape[-2], query_key.shape[-1])  # h, w of the keys
     q_labels = label_shares(query_mask, num_labels, size)  # B x hw x labels
     m_labels = label_shares(memory_masks, num_labels, size).flatten(1, 2)  # B x L x labels, frame-major
     agree = q_labels @ m_labels.transpose(1, 2)  # B x hw x L: chance that both have one label
@@ -146,7 +146,8 @@ def strmn_segments(
     before asking for the next segment, or accumulate: segments share no graph.
     A clip of N <= T frames (5-frame pretraining clips) is one segment.
     """
-    if network.fusion is None:
+    fusion = network.fusion
+    if fusion is None:
         raise ValueError("unroll_strmn needs an STRMN network: ModelConfig(kind='strmn')")
     if rule not in (*RULES, "I2M"):
         raise ValueError(f"unknown STRMN update rule {rule!r}; choose one of {RULES} or 'I2M'")
@@ -160,7 +161,7 @@ def strmn_segments(
         new = Slots.first(encoded.feature, encoded.key, encoded.value)
         if memory is None:
             return new
-        return update_slots(memory, new, slots, rule, network.fusion, network.template_key_value)
+        return update_slots(memory, new, slots, rule, fusion, network.template_key_value)
 
     probs = one_hot_objects(masks[:, 0], num_objects) * valid[:, :, None, None]
     memory = memorise(frames[:, 0], probs, None)
@@ -203,7 +204,9 @@ def unroll_strmn(
     `lambda l: (opt.zero_grad(), l.backward(), opt.step())`: an update per segment, as in the
     paper's 50-frame / 10-frame-segment fine-tuning. The returned logits and loss are detached.
     """
-    all_logits, total, count = [], 0.0, 0
+    all_logits: list[torch.Tensor] = []  # B x S x (1+O) x H x W per segment
+    total: float | torch.Tensor = 0.0  # sum of segment losses weighted by their frames
+    count = 0
     for segment in strmn_segments(network, frames, masks, valid, rule, slots, segment_length, loss, top_p):
         frames_in = segment.logits.shape[1]
         if optimizer_step is not None:
@@ -214,4 +217,5 @@ def unroll_strmn(
         count += frames_in
     if count == 0:
         raise ValueError("unroll_strmn needs clips of at least 2 frames")
+    assert isinstance(total, torch.Tensor)  # count > 0: at least one segment's loss was added
     return UnrollOutput(torch.cat(all_logits, 1), total / count)

@@ -342,7 +342,7 @@ def test_task_predictions_equal_segment_video(tmp_path):
     make_tiny_davis(tmp_path)
     seq = read_davis(tmp_path, "val")[1]  # the second object enters at frame 2
     torch.manual_seed(0)
-    net = STMNetwork(ModelConfig(decoder_dim=32)).eval()
+    net = STMNetwork(ModelConfig(decoder_dim=32, norm="frozen_bn")).eval()
     [v] = parse_variants(["stm:every:2"], MemoryParams())
     result = run_sequence(v, net, payload(seq))
     gt = decode_annotations(payload(seq), (64, 64))
@@ -426,10 +426,10 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
     data = tmp_path / "bench"
     names = make_tiny_davis(data)
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "stm.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=32)))
+    save_checkpoint(tmp_path / "stm.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=32, norm="frozen_bn")))
     variants = ["copy-first", "stm:first", "stm:every", "oracle:every"]
     if HAS_STRMN:
-        save_checkpoint(tmp_path / "strmn.pt", STMNetwork(ModelConfig(kind="strmn", decoder_dim=32, fusion_dim=16)))
+        save_checkpoint(tmp_path / "strmn.pt", STMNetwork(ModelConfig(kind="strmn", decoder_dim=32, fusion_dim=16, norm="frozen_bn")))
         variants.append("strmn")
     params = {
         "evaluate": {"variants": variants, "dataset": str(data), "split": "val", "stm_model": str(tmp_path / "stm.pt"),
@@ -551,8 +551,8 @@ def test_evaluation_loads_each_checkpoint_once_per_worker(tmp_path, monkeypatch)
     names = make_tiny_davis(data, frames=4, size=48, extra=6)
     assert len(names) == 8
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "stm.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=16)))
-    save_checkpoint(tmp_path / "strmn.pt", STMNetwork(ModelConfig(kind="strmn", decoder_dim=16, fusion_dim=8)))
+    save_checkpoint(tmp_path / "stm.pt", STMNetwork(ModelConfig(kind="stm", decoder_dim=16, norm="frozen_bn")))
+    save_checkpoint(tmp_path / "strmn.pt", STMNetwork(ModelConfig(kind="strmn", decoder_dim=16, fusion_dim=8, norm="frozen_bn")))
     variants = ["copy-first", "stm:first", "stm:previous", "stm:first+previous", "stm:every", "stm:fifo", "strmn"]
     params = {
         "evaluate": {"variants": variants, "dataset": str(data), "split": "val", "stm_model": str(tmp_path / "stm.pt"),
@@ -579,7 +579,7 @@ def test_the_driver_deserialises_each_checkpoint_once(tmp_path, monkeypatch):
     from stm_core.model.network import ModelConfig, STMNetwork
 
     path = tmp_path / "stm.pt"
-    save_checkpoint(path, STMNetwork(ModelConfig(decoder_dim=8)), training_data="static images")
+    save_checkpoint(path, STMNetwork(ModelConfig(decoder_dim=8, norm="frozen_bn")), training_data="static images")
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))

@@ -22,7 +22,7 @@ SIZE = (96, 170)  # DAVIS 480p scaled down: the tests are about bookkeeping, not
 @pytest.fixture(scope="module")
 def network() -> STMNetwork:
     torch.manual_seed(0)
-    return STMNetwork(ModelConfig()).eval()
+    return STMNetwork(ModelConfig(norm="frozen_bn", decoder_dim=256)).eval()
 
 
 def small(frame: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ def test_stm_segment_refuses_without_checkpoint(tmp_path: Path, capsys):
 
 
 def test_stm_segment_wrong_architecture_is_a_clear_error(tmp_path: Path, capsys):
-    state = STMNetwork(ModelConfig()).state_dict()
+    state = STMNetwork(ModelConfig(norm="frozen_bn", decoder_dim=256)).state_dict()
     torch.save({"kind": "stm", "model_config": {"backbone": "resnet50"}, "state_dict": state}, tmp_path / "x.pt")
     (tmp_path / "f").mkdir()
     code = stm(["segment", "--checkpoint", str(tmp_path / "x.pt"), "--frames", str(tmp_path / "f"),

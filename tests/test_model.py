@@ -13,7 +13,7 @@ from stm_core.model.read import memory_read, naive_memory_read, to_tokens
 
 @pytest.mark.parametrize("backbone,key_dim,value_dim", [("resnet18", 32, 128), ("resnet50", 128, 512)])
 def test_shapes_follow_the_paper(backbone: str, key_dim: int, value_dim: int):
-    net = STMNetwork(ModelConfig(backbone=backbone)).eval()
+    net = STMNetwork(ModelConfig(backbone=backbone, norm="frozen_bn", decoder_dim=256)).eval()
     frames = torch.rand(2, 3, 64, 96)
     with torch.no_grad():
         query = net.encode_query(frames)
@@ -30,14 +30,14 @@ def test_shapes_follow_the_paper(backbone: str, key_dim: int, value_dim: int):
 
 
 def test_batchnorm_is_frozen():
-    net = STMNetwork(ModelConfig())
+    net = STMNetwork(ModelConfig(norm="frozen_bn", decoder_dim=256))
     norms = [m for m in net.modules() if "BatchNorm" in type(m).__name__]
     assert norms and all(type(m).__name__ == "FrozenBatchNorm2d" for m in norms)
     assert not any("running_mean" in n for n, p in net.named_parameters())
 
 
 def test_group_norm_is_selectable():
-    net = STMNetwork(ModelConfig(norm="group"))
+    net = STMNetwork(ModelConfig(norm="group", decoder_dim=256))
     assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
 
 
@@ -88,7 +88,7 @@ def test_soft_aggregation_ignores_padded_objects():
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):
-    net = STMNetwork(ModelConfig())
+    net = STMNetwork(ModelConfig(norm="frozen_bn", decoder_dim=256))
     save_checkpoint(tmp_path / "m.pt", net, step=3)
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     assert payload["step"] == 3 and payload["model_config"]["backbone"] == "resnet18"
@@ -121,7 +121,7 @@ def _with_batchnorm_statistics(net: STMNetwork) -> STMNetwork:
 
 def test_fused_for_inference_computes_the_same_and_leaves_the_network_alone(tmp_path):
     torch.manual_seed(0)
-    net = _with_batchnorm_statistics(STMNetwork(ModelConfig()))
+    net = _with_batchnorm_statistics(STMNetwork(ModelConfig(norm="frozen_bn", decoder_dim=256)))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     fused = net.fused_for_inference()
     assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in fused.modules())
@@ -193,7 +193,7 @@ def test_stem_max_pool_after_relu_equals_max_pool2d(size):
 
     x = torch.relu(torch.randn(2, 4, *size))
     assert torch.equal(fast_path.MaxPoolAfterReLU()(x), torch.nn.functional.max_pool2d(x, 3, 2, 1))
-    fused = STMNetwork(ModelConfig()).fused_for_inference()
+    fused = STMNetwork(ModelConfig(norm="frozen_bn", decoder_dim=256)).fused_for_inference()
     assert isinstance(fused.query_encoder.stem[-1], fast_path.MaxPoolAfterReLU)
     assert isinstance(fused.memory_encoder.stem_rest[-1], fast_path.MaxPoolAfterReLU)
     assert fast_path.stem_maxpools_(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.MaxPool2d(3, 2, 1))) == 0

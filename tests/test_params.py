@@ -123,3 +123,57 @@ def test_recipe_writes_the_merged_params_and_never_builds_on_its_own_output(tmp_
     with pytest.raises(ParamsError, match="written by `stm recipe`.*git checkout params.yaml"):
         write_recipe(tmp_path / "params-paper.yaml", tmp_path / "params.yaml")
     assert (tmp_path / "params.yaml").read_text() == before
+
+
+def _plain(value):
+    """A default as YAML would hold it: dataclasses as mappings, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default_factory())
+    return out
+
+
+def test_no_default_in_code_differs_from_params_yaml():
+    """params.yaml is the one home of every value: a dataclass default, where a field has one, is
+    the same value (pretrain and train share StageParams: where they differ it has none)."""
+    from pipeline.download.stage import BUILTIN
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    checks = [(key, cls, params[key]) for key, cls in SECTIONS.items()]
+    checks += [(f"download.sources.{name}", cls, params["download"]["sources"][name]) for name, cls in BUILTIN.items()]
+    drift = []
+    for key, cls, values in checks:
+        for name, default in _defaults(cls).items():
+            if name == "kind" and key == "model":
+                continue  # set by --model, not a params key
+            if name not in values:
+                drift.append(f"{key}.{name}: a default in {cls.__name__} ({default!r}) but no value in params.yaml")
+            elif _plain(values[name]) != default:
+                drift.append(f"{key}.{name}: {cls.__name__} says {default!r}, params.yaml {values[name]!r}")
+    assert not drift, "defaults in code that differ from params.yaml:\n" + "\n".join(drift)
+
+
+def test_the_drift_check_sees_a_changed_default(monkeypatch):
+    field = next(f for f in dataclasses.fields(StrmnParams) if f.name == "slots")
+    monkeypatch.setattr(field, "default", field.default + 1)
+    with pytest.raises(AssertionError, match=r"strmn.slots: StrmnParams says 5, params.yaml 4"):
+        test_no_default_in_code_differs_from_params_yaml()
+
+
+def test_a_key_without_a_default_must_be_given(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"steps": 3, "data": "v", "data_format": "davis"}}))
+    with pytest.raises(ParamsError, match=r"params.yaml: train: missing key\(s\) \['init', 'max_skip'\]"):
+        section(load_params(tmp_path / "params.yaml"), "train", StageParams)

@@ -13,7 +13,7 @@ from stm_core.precision import PRECISIONS, exact_fp32
 
 def tiny_network(kind: str = "stm") -> STMNetwork:
     torch.manual_seed(0)
-    config = ModelConfig(kind=kind, decoder_dim=16, fusion_dim=8) if kind == "strmn" else ModelConfig(decoder_dim=16)
+    config = ModelConfig(kind=kind, decoder_dim=16, fusion_dim=8, norm="frozen_bn") if kind == "strmn" else ModelConfig(decoder_dim=16, norm="frozen_bn")
     return STMNetwork(config).eval()
 
 

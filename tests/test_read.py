@@ -39,7 +39,7 @@ def test_network_read_hands_sdpa_four_dimensional_tensors(sdpa_shapes):
     """(objects, 1 head, length, channels): the layout the fused CUDA kernels need; 3-D would fall
     back to the math path that holds the whole affinity matrix."""
     torch.manual_seed(0)
-    network = STMNetwork(ModelConfig()).eval()
+    network = STMNetwork(ModelConfig(norm="frozen_bn", decoder_dim=256)).eval()
     with torch.no_grad():
         query = network.encode_query(torch.rand(1, 3, 64, 96))
         memory = network.encode_memory(torch.rand(1, 3, 64, 96), torch.rand(1, 2, 64, 96))

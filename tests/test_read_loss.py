@@ -15,7 +15,7 @@ from stm_core.model.network import ModelConfig, STMNetwork
 from stm_core.model.read import label_shares, to_tokens
 from stm_core.training import read_loss, unroll_stm
 
-TINY_MODEL = {"backbone": "resnet18", "pretrained": "none", "decoder_dim": 16}
+TINY_MODEL = {"backbone": "resnet18", "pretrained": "none", "norm": "frozen_bn", "decoder_dim": 16}
 
 
 def halves(b: int = 1) -> torch.Tensor:
@@ -111,6 +111,7 @@ def test_unroll_module_takes_the_weight_from_the_stage_settings(one_thread):
 
 def test_negative_read_loss_is_a_params_error(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": {"read_loss": -0.1}}))
+    stage = {"data": "data/raw/builtin-videos", "data_format": "davis", "init": "none", "max_skip": 0}
+    params.write_text(yaml.safe_dump({"train": {**stage, "read_loss": -0.1}}))
     with pytest.raises(ParamsError, match=r"params.yaml: train.*read_loss must be >= 0"):
         train_cmd.settings(params, "main", "stm")

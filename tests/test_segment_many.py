@@ -28,7 +28,7 @@ def tiny_checkpoint(path: Path, kind: str = "stm") -> Path:
     from stm_core.model.network import ModelConfig, STMNetwork
 
     torch.manual_seed(0)
-    config = ModelConfig(kind=kind, decoder_dim=16, fusion_dim=8) if kind == "strmn" else ModelConfig(decoder_dim=16)
+    config = ModelConfig(kind=kind, decoder_dim=16, fusion_dim=8, norm="frozen_bn") if kind == "strmn" else ModelConfig(decoder_dim=16, norm="frozen_bn")
     save_checkpoint(path, STMNetwork(config))
     return path
 
@@ -116,21 +116,29 @@ def test_a_killed_run_resumes_without_redoing_complete_videos(tmp_path, ray_2cpu
     import ray
 
     # The run joins this test's Ray instance: killing its driver is the kill of a `stm segment` process.
+    # A run against a cluster takes store URIs (its nodes share no disk): file:// on this machine.
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pipeline.cli", "segment", "--checkpoint", str(ckpt), "--dataset",
-           str(tmp_path / "davis"), "--out", str(out), "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+           (tmp_path / "davis").as_uri(), "--out", out.as_uri(), "--workers", "1"]
+    log = tmp_path / "killed-run.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
+
+    def finished() -> list[str]:  # a video's record is written after all of its frames
+        return [n for n in names if (out / n / ".complete.json").is_file()]
+
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if len([n for n in names if (out / n).is_dir()]) >= 2:
+            if len(finished()) >= 2:
                 break
             time.sleep(0.2)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)  # the real kill: no clean-up code runs; Ray drops its actor
+        if proc.poll() is None:  # a run that ended by itself is reported below, with its log
+            os.kill(proc.pid, signal.SIGKILL)  # the real kill: no clean-up code runs; Ray drops its actor
         proc.wait(timeout=30)
-    complete = [n for n in names if (out / n).is_dir()]
+    complete = finished()
+    assert complete, log.read_text()[-3000:]
     assert 2 <= len(complete) < len(names), "the run should have been killed midway"
     before = {n: (out / n / ".complete.json").stat().st_mtime_ns for n in complete}
     assert all(len(list((out / n).glob("*.png"))) == 16 for n in complete)  # complete or absent

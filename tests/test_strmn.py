@@ -220,7 +220,7 @@ def test_group_norm_backbones(backbone):
 @pytest.fixture(scope="module")
 def strmn():
     torch.manual_seed(0)
-    return STMNetwork(ModelConfig(kind="strmn", backbone="resnet18", norm="group", fusion_dim=16))
+    return STMNetwork(ModelConfig(kind="strmn", backbone="resnet18", norm="group", fusion_dim=16, decoder_dim=256))
 
 
 def moving_square_clip(n: int, size: int = 64, objects: int = 1):
@@ -259,7 +259,7 @@ def test_gradient_reaches_f_g_h_through_tbptt_segments(strmn):
 
 def test_short_unroll_lowers_the_loss():
     torch.manual_seed(0)
-    net = STMNetwork(ModelConfig(kind="strmn", backbone="resnet18", norm="group", fusion_dim=16))
+    net = STMNetwork(ModelConfig(kind="strmn", backbone="resnet18", norm="group", fusion_dim=16, decoder_dim=256))
     frames, masks, valid = moving_square_clip(5)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)  # the paper's rate; 1e-3 saturates a random net
     losses = []

@@ -17,7 +17,8 @@ from pipeline.train.data import collate, prepare
 from pipeline.train.step import Unroll, lr_at
 from stm_core.model.network import ModelConfig, STMNetwork
 
-TINY_MODEL = {"backbone": "resnet18", "pretrained": "none", "decoder_dim": 16, "fusion_dim": 8}
+TINY_MODEL = {"backbone": "resnet18", "pretrained": "none", "norm": "frozen_bn", "decoder_dim": 16,
+              "fusion_dim": 8}
 
 
 def moving_square_clip(rng: np.random.Generator, n: int = 3, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +100,8 @@ def write_params(root: Path, **override) -> Path:
         "model": dict(TINY_MODEL),
         "strmn": {"slots": 3, "rule": "C", "norm": "group", "segment_length": 2, "pretrain_frames": 4, "main_frames": 4},
         "pretrain": {"steps": 4, "batch_size": 2, "lr": 1e-3, "crop": 32, "checkpoint_every": 2, "log_every": 1,
-                     "log_images_every": 2, "data": "data/synthetic/{model}", "data_format": "parquet"},
+                     "log_images_every": 2, "data": "data/synthetic/{model}", "data_format": "parquet",
+                     "init": "none", "max_skip": 0},
         "train": {"steps": 6, "batch_size": 2, "lr": 1e-3, "crop": 32, "max_skip": 2, "checkpoint_every": 2,
                   "log_every": 1, "log_images_every": 3, "data": "data/raw/builtin-videos", "data_format": "davis",
                   "init": "pretrain"},

@@ -19,8 +19,10 @@ import os
 import shutil
 import sys
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.download.fetch import DownloadError, copy_tree, extract, fetch
 from pipeline.download.prepare import prepare
@@ -53,21 +55,26 @@ class BuiltinImagesSource(BuiltinImagesConfig):
 
 @dataclass
 class BuiltinVideosSource(BuiltinVideosConfig):
-    """`download.sources.builtin-videos`: the generator's settings and its seed."""
+    """`download.sources.builtin-videos`: the generator's settings and its seed. The built-in
+    benchmark's values replace the generator's small defaults (tests make tiny sets from those)."""
 
+    frames: int = 80  # frames per sequence
+    val_sequences: int = 3  # sequences in ImageSets/2017/val.txt
+    object_size: list[float] = field(default_factory=lambda: [0.4, 0.55])  # [min, max] side / frame side
+    enter_prob: float = 0.5  # chance that the last object (of 2+) enters mid-video
     seed: int = 0  # seed of the generated videos
 
 
 BUILTIN: dict[str, type] = {"builtin-images": BuiltinImagesSource, "builtin-videos": BuiltinVideosSource}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DownloadParams:
     """params.yaml section `download`. Each `download@<name>` stage reads `root` and its own
     `sources.<name>` only (so adding a source re-runs no other); the other keys only say where
     archives go and how hard to retry, which never changes a dataset (pipeline.params.PLACEMENT_KEYS)."""
 
-    sources: dict[str, dict] = field(default_factory=lambda: {"builtin-images": {}, "builtin-videos": {}})  # name -> settings
+    sources: dict[str, dict]  # name -> settings (params.yaml names the built-in sets)
     root: str = "data/raw"  # each source lands in <root>/<name>/
     cache: str = "data/downloads"  # downloaded archives (kept for resuming and re-extraction)
     keep_archives: bool = True  # keep archives in the cache after extraction
@@ -87,8 +94,11 @@ def read_params(params: dict, only: list[str] | None = None) -> tuple[DownloadPa
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    common = from_dict(DownloadParams, {k: raw[k] for k in known - {"sources"} if k in raw}, where)
-    sources = raw["sources"] if "sources" in raw else common.sources
+    if "sources" not in raw:
+        raise ParamsError(f"{where}: missing key(s) ['sources'] (no default: params.yaml sets them)")
+    # the common keys alone: each source's entry is read (and tracked by DVC) only when chosen
+    common = from_dict(DownloadParams, {**{k: raw[k] for k in known - {"sources"} if k in raw}, "sources": {}}, where)
+    sources = raw["sources"]
     if not isinstance(sources, dict):
         raise ParamsError(f"{where}.sources: expected a mapping of source name -> settings ({{}} for none), "
                           f"got {sources!r}")
@@ -96,7 +106,7 @@ def read_params(params: dict, only: list[str] | None = None) -> tuple[DownloadPa
     missing = [n for n in names if n not in sources]
     if missing:
         raise ParamsError(f"{where}.sources: no entry for {missing}; add `<name>: {{}}` under download.sources")
-    chosen = {}
+    chosen: dict[str, object] = {}
     for name in names:
         entry = sources[name]
         entry = {} if entry is None else entry
@@ -202,7 +212,9 @@ def fetch_remote(source: Source, p: DownloadParams, override: SourceOverride, ca
 
 
 def fetch_builtin(name: str, cfg: BuiltinImagesSource | BuiltinVideosSource, target: Path) -> bool:
-    write = write_builtin_images if name == "builtin-images" else write_builtin_videos
+    # the writer and the config class are picked by the same name, so they always match
+    write: Callable[[Path, Any, int], object] = (write_builtin_images if name == "builtin-images"
+                                                 else write_builtin_videos)
     base = BuiltinImagesConfig if name == "builtin-images" else BuiltinVideosConfig
     config = base(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(base)})
     marker = marker_for(name, "builtin", {"seed": cfg.seed, "config": asdict(config)})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import storage, tracking
@@ -111,7 +112,7 @@ def link_inputs(uri: str, run_id: str, p: EvaluateParams, models: dict[str, tupl
                                     models=[LoggedModelInput(model_id=i) for i in ids] or None)
 
 
-def log_parent(uri: str, parent_id: str, summaries, written: list[Path], probe_files: list[Path] = ()) -> None:
+def log_parent(uri: str, parent_id: str, summaries, written: list[Path], probe_files: Sequence[Path] = ()) -> None:
     from mlflow.entities import Metric
 
     client = tracking.client(uri)

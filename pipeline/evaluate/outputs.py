@@ -91,8 +91,8 @@ def summary_json(summaries: Sequence[VariantSummary]) -> dict[str, dict[str, flo
     labels = [label if labels.count(label) == 1 else s.name for label, s in zip(labels, summaries)]
 
     def rounded(value: float, scale: float) -> float | None:
-        value = _clean(value)
-        return None if value is None else round(scale * value, 1)
+        clean = _clean(value)
+        return None if clean is None else round(scale * clean, 1)
 
     return {"JF": {label: rounded(s.metrics["JF_mean"], 100) for label, s in zip(labels, summaries)},
             "FPS": {label: rounded(s.metrics["fps"], 1) for label, s in zip(labels, summaries)}}

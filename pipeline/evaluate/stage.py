@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def item_settings(p: EvaluateParams, memory: MemoryParams, device: str) -> dict:
 
 def run_items(variants: list[Variant], videos: list[VideoSequence], models: dict[str, tuple[str, bytes]],
               p: EvaluateParams, memory: MemoryParams, ray_p: dict, writer: outputs.ResultsWriter,
-              records: ItemRecords, keep_masks: set[str], probes: list[VideoSequence] = (),
+              records: ItemRecords, keep_masks: set[str], probes: Sequence[VideoSequence] = (),
               ) -> tuple[dict[str, dict[str, SequenceResult]], list[dict[str, int]], list[dict]]:
     """Every (variant, sequence) item, and the read probes of `probes` with the STM model, on a pool of
     evaluation actors; items with a record from an earlier run are read back, not run again.

@@ -42,8 +42,8 @@ class MemoryParams:
 
     every: int = 5  # STM every:N: a new memory frame every N frames (the paper's final model: 5)
     fifo: int = 8  # STM fifo:K: the first frame plus the K-1 latest memory frames
-    slots: int = 3  # STRMN K: template slots of the recurrent memory (first frame included)
-    rules: list[str] = field(default_factory=lambda: list(RULES))  # STRMN update rules for `strmn` (+ I2M)
+    slots: int = 4  # STRMN K: template slots of the recurrent memory (first frame included)
+    rules: list[str] = field(default_factory=lambda: [*RULES, I2M])  # STRMN update rules for `strmn` (+ I2M)
     top_k: int | None = None  # memory read top-k at inference: null keeps the model's own, 0 reads all
     postprocess: str = "strmn"  # drop blobs far from the previous frame's object: none | strmn | all (models)
 

@@ -69,7 +69,7 @@ class NetworkCache:
     """The networks one worker process holds, by (checkpoint sha256, top_k, device): each checkpoint is
     loaded once per process however many (variant, sequence) items the process runs."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.networks: dict[tuple[str, int | None, str], STMNetwork] = {}
         self.loads: dict[str, int] = {}  # checkpoint sha256 -> times loaded (for tests and logs)
 
@@ -184,7 +184,7 @@ def _segment(network: STMNetwork, variant: Variant, payload: SequencePayload, gi
     probe = PeakMemory(device)
     probe.start()
     seconds = 0.0
-    out = []
+    out: list[np.ndarray] = []  # H x W uint8 object ids, one per frame
     for t, data in enumerate(payload.frames):
         frame = to_tensor(decode_image(data, f"{payload.name}/{payload.frame_names[t]}"))  # 3 x H x W
         mask = torch.from_numpy(given[t]).long() if t in given else None
@@ -274,11 +274,11 @@ def probe_read(network: STMNetwork, payload: SequencePayload, every: int, pictur
 
         rows = [heatmap_picture(image(middle), gt[middle], image(first), gt[first], maps[first], obj)
                 for obj, maps in sorted(heat.items())[:3] for first in maps]
-        picture = Image.fromarray(np.concatenate(rows, axis=0))
-        if picture.width < 512:  # small benchmark frames: twice the size, pixels kept sharp
-            picture = picture.resize((picture.width * 2, picture.height * 2), Image.NEAREST)
+        sheet = Image.fromarray(np.concatenate(rows, axis=0))
+        if sheet.width < 512:  # small benchmark frames: twice the size, pixels kept sharp
+            sheet = sheet.resize((sheet.width * 2, sheet.height * 2), Image.Resampling.NEAREST)
         buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
+        sheet.save(buffer, format="PNG")
         png = buffer.getvalue()
     return {"memories": {name: vars(t) for name, t in totals.items()}, "picture": png,
             "picture_frame": payload.frame_names[middle] if png else None}

@@ -183,7 +183,8 @@ def load_given(job: VideoJob, local: Path, size: tuple[int, int],
             if max(abs(ids.shape[0] - size[0]), abs(ids.shape[1] - size[1])) > SIZE_TOLERANCE:
                 raise DataError(f"{path}: mask is {ids.shape[1]}x{ids.shape[0]} but the frames of {job.source} "
                                 f"are {size[1]}x{size[0]} (W x H)")
-            ids = np.asarray(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST), dtype=np.uint8)
+            resized = Image.fromarray(ids).resize((size[1], size[0]), Image.Resampling.NEAREST)
+            ids = np.asarray(resized, dtype=np.uint8)
         if job.object_frames is not None:
             new = [o for o, first in job.object_frames.items() if first == t]
         else:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     net = STMNetwork(ModelConfig(kind=args.kind, backbone=args.backbone, norm=args.norm, decoder_dim=args.decoder_dim))
     channels_last = True  # as `stm train` (pipeline.train.loop), on CPU too
-    net = net.to(device, memory_format=torch.channels_last)
+    net = net.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     model = Unroll(net, {"loss": "ce", "bootstrap_top_p": 0.15}, {"rule": "C", "slots": 3, "segment_length": 4})
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-5)
     dtype, use_scaler = precision({"train": {"precision": args.precision}}, device)
@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
-    loss = float(loss)  # syncs
+    final_loss = float(loss)  # syncs
     seconds = time.perf_counter() - t0
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "backbone": args.backbone, "crop": s, "batch": b, "frames": n, "objects": o, "kind": args.kind,
         "precision": str(dtype).replace("torch.", "") if dtype is not None else "fp32",
         "channels_last": channels_last, "steps": args.steps, "ms_per_step": round(1000 * seconds / args.steps, 1),
-        "clips_per_s": round(b * args.steps / seconds, 2), "loss": round(loss, 4),
+        "clips_per_s": round(b * args.steps / seconds, 2), "loss": round(final_loss, 4),
         "data": args.data or "random tensors", "data_wait_share": round(waited[0] / seconds, 3),
         "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         "torch": torch.__version__,

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -128,9 +129,9 @@ def loss_curve_csv(curve: list) -> bytes:
     return f"step,loss\n{rows}".encode()
 
 
-def export(result_checkpoint, s: TrainSettings) -> dict:
+def export(result_checkpoint, s: TrainSettings) -> tuple[dict, STMNetwork]:
     """Final checkpoint -> models/.../model.pt (state dict + config, weights_only-safe); returns the
-    training summary (its loss curve included)."""
+    training summary (its loss curve included) and the trained network."""
     with result_checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
@@ -203,6 +204,7 @@ def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: 
             require_shared("train", shared_locations(s), nodes)
             uri = resolve_tracking_uri(uri, nodes)
         if storage.is_uri(data_location) and data_location != s.stage_params.data.replace("{model}", s.kind):
+            assert data_path is not None  # the params name a local copy: the store mirrors it
             if storage.publish(data_path, data_location):  # the local DVC copy -> the store, when it changed
                 log.info("[train] mirrored %s to %s", data_path, data_location)
     except BaseException:
@@ -226,9 +228,10 @@ def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: 
 
     status = "FAILED"
     try:
-        payload = init_payload(init_path, s.kind)
-        if payload is not None and rp.num_workers > 0:
-            payload = ray.put(payload)  # workers on other nodes get it from the object store
+        weights = init_payload(init_path, s.kind)
+        payload: dict | ray.ObjectRef[dict] | None = weights
+        if weights is not None and rp.num_workers > 0:
+            payload = ray.put(weights)  # workers on other nodes get it from the object store
         config = loop_config(s, world, payload, data_location)
         config["mlflow"] = {"uri": uri, "run_id": run_id}
         counts = {}
@@ -250,12 +253,13 @@ def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: 
         # small inputs first (a 2-CPU machine whose training workers take every CPU needs that).
         if not local:
             config["resume"] = {"storage_location": location, "run": name}
+        train_input: object  # a Ray Data Dataset or its factory; in process, a LocalShard in its place
         if local:
             train_input = LocalShard(config, sp.steps, per_worker * world)
         else:
             factory = DatasetFactory(config, sp.steps, per_worker * world, sp.materialize, rp.data_cpus)
             train_input = factory.materialized_now() or factory
-        datasets = {"train": train_input}
+        datasets: dict[str, Any] = {"train": train_input}  # Any: a LocalShard is used as a Dataset, not one
         resources = {"CPU": rp.cpus_per_worker, **({"GPU": rp.gpus_per_worker} if rp.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop, train_loop_config=config, datasets=datasets,
@@ -287,9 +291,10 @@ def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: 
         write_dvc_outputs(s, metrics)
         checkpoints = storage.join(location, name) if storage.is_uri(location) else str(Path(location) / name)
         registry.log_and_register(uri, run_id, network, s, checkpoints)
-        if s.model_uri():  # other nodes (evaluation tasks, the next stage) read the model from the store
-            storage.write_bytes(s.model_uri(), s.model_out.read_bytes())
-            storage.write_bytes(storage.join(s.model_uri().rsplit("/", 1)[0], registry.MODEL_INFO),
+        model_uri = s.model_uri()
+        if model_uri:  # other nodes (evaluation tasks, the next stage) read the model from the store
+            storage.write_bytes(model_uri, s.model_out.read_bytes())
+            storage.write_bytes(storage.join(model_uri.rsplit("/", 1)[0], registry.MODEL_INFO),
                                 (s.model_out.parent / registry.MODEL_INFO).read_bytes())
         client = tracking.client(uri)
         client.log_dict(run_id, {k: v for k, v in metrics.items() if k != "curve"}, "training_summary.json")

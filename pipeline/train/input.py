@@ -39,7 +39,8 @@ class ClipCollate(NumpyBatchCollateFn):
     """iter_torch_batches collate (Ray Data's prefetch threads): the clip columns as uint8/int64
     tensors, as they are; Ray Data pins them and copies them to the device, where the loop converts."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+    # Ray types the base's return as an unbound TypeVar, which no concrete return matches
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:  # type: ignore[override]
         import torch
 
         return {k: torch.from_numpy(np.ascontiguousarray(batch[k])) for k in COLUMNS}

@@ -4,10 +4,15 @@ from the same functions and clip numbers, made in the training process between s
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.train.shards import ROW_GROUP_CACHE, parquet_files, store_objects  # noqa: F401
+
+if TYPE_CHECKING:  # pipeline.train.input imports Ray: only when the videos need it
+    from pipeline.train.input import SampleVideoClips
 
 
 class LocalShard:
@@ -27,7 +32,7 @@ class LocalShard:
         self._index: list[tuple[int, int, int]] | None = None  # row -> (file, row group, row in group)
         self._files: list = []
         self._groups: OrderedDict = OrderedDict()  # (file, group) -> raw columns, least recent first
-        self._sampler = None
+        self._sampler: SampleVideoClips | None = None
         self._start = 0
 
     def seek(self, step: int) -> None:
@@ -41,6 +46,7 @@ class LocalShard:
         from pipeline.train.input import SampleVideoClips, video_rows
 
         data, tp = self.config["data"], self.config["train"]
+        make: Callable[[np.ndarray], dict[str, np.ndarray]]  # clip numbers or row ids -> columns
         if data["kind"] == "parquet":
             n = len(self._row_index())
             order = (np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_buffer_size
@@ -54,10 +60,11 @@ class LocalShard:
                 self._sampler = SampleVideoClips(
                     data, self.config["frames"], tp["crop"], tp["max_objects"], self.config["seed"], self.total,
                     self.batch, tp["max_skip"], tp["skip_ramp"], holdout(tp))
+            sampler = self._sampler
             rows = video_rows(self.total, self.batch)
             first = min(rows, self._start * self.batch)
             batches = (np.arange(i, min(i + batch_size, rows)) for i in range(first, rows, batch_size))
-            make = lambda ids: self._sampler({"id": ids})  # noqa: E731
+            make = lambda ids: sampler({"id": ids})  # noqa: E731
         for ids in batches:
             if drop_last and len(ids) < batch_size:
                 return
@@ -102,6 +109,7 @@ class LocalShard:
 
         tp = self.config["train"]
         decode = DecodeSynthetic(tp["crop"], tp["max_objects"], self.config["seed"])
+        assert self._index is not None, "_decode_rows before _row_index"  # iter_torch_batches builds it first
         parts = []
         for row in rows.tolist():
             f, g, r = self._index[row]

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,14 +126,17 @@ def train_loop(config: dict) -> None:
     if amp_dtype is None and device.type == "cuda":  # fp32 training (both papers) means IEEE fp32, not TF32
         set_exact_fp32()
     # channels_last on CPU too: one embedded STM step takes 0.82x the time (oneDNN's NHWC kernels).
-    network = network.to(device, memory_format=torch.channels_last)
+    network = network.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     unroll = Unroll(network, tp, config["strmn"])
     model = ray.train.torch.prepare_model(
         unroll, parallel_strategy_kwargs={"find_unused_parameters": network.config.kind == "strmn"})
     optimizer = torch.optim.Adam(network.parameters(), lr=tp["lr"], weight_decay=tp["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    start, totals = 0, {"clips": 0, "seconds": 0.0, "loss": float("nan"), "restarts": 0, "resumed_from": 0, "curve": []}
+    start = 0
+    # running sums, carried in each checkpoint; "curve": [[step, loss], ...]
+    totals: dict[str, Any] = {"clips": 0, "seconds": 0.0, "loss": float("nan"), "restarts": 0, "resumed_from": 0,
+                              "curve": []}
     # In-process runs (local mode) get no checkpoint from Ray Train: theirs are on this disk.
     checkpoint = ray.train.get_checkpoint() or latest_local_checkpoint(config.get("local_checkpoints"))
     if checkpoint is not None:
@@ -212,6 +216,7 @@ def train_loop(config: dict) -> None:
         save = done % tp["checkpoint_every"] == 0 or done == total
         rngs = gather(rng_state(rng), world) if save else None
         if save and rank == 0:
+            assert rngs is not None  # gathered because save
             report_checkpoint(metrics, network, optimizer, scaler, done, rngs, totals, config, world)
         else:
             ray.train.report(metrics)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class Plateau:
 
 
 def validation_clips(videos: Sequence, n_clips: int, n_frames: int, crop: int, max_objects: int, seed: int,
-                     short_videos: str = "drop") -> list:
+                     short_videos: Literal["drop", "repeat"] = "drop") -> list:
     """A fixed list of held-out clips (frames N x H x W x 3 uint8, masks N x H x W uint8): same every call."""
     from stm_core.data.sampler import VideoClipSampler, VideoSamplerConfig
 
@@ -86,7 +87,8 @@ def parquet_validation_clips(data_path: str, n_clips: int, crop: int, max_object
     if not files:
         raise FileNotFoundError(f"{folder}: no validation clips for the plateau schedule; give the set val_clips > 0 "
                                 "(synthesize.sets.<set>.val_clips, with synthesize.val_share) and run `stm synthesize`")
-    decode, clips = DecodeSynthetic(crop, max_objects, seed), []
+    decode = DecodeSynthetic(crop, max_objects, seed)
+    clips: list[tuple[np.ndarray, np.ndarray]] = []  # (frames N x H x W x 3, masks N x H x W) uint8
     for f in files:
         table = pq.read_table(f, columns=["clip_id", "n_frames", "frames", "masks"]).slice(0, n_clips - len(clips))
         out = decode({k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names})

@@ -10,7 +10,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline import storage
 from pipeline.params import ParamsError, load_params, section
@@ -23,11 +23,11 @@ RUN_ID_FILE = "mlflow_run_id"
 FAULT_ENV = "STM_TRAIN_FAULT"  # "STEP:MARKER": one worker exits once at STEP (tests of fault tolerance)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StageParams:
     """One training stage (params sections `pretrain` and `train`)."""
 
-    steps: int = 100  # optimizer steps in the stage
+    steps: int = 120  # optimizer steps in the stage
     batch_size: int = 4  # global batch (clips per step), split evenly across Ray workers
     lr: float = 5e-4  # Adam learning rate (the paper: 1e-5 from ImageNet weights on GPUs)
     lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"  # after warm-up: fixed, cosine to 10%, or x0.1 on plateaus
@@ -37,29 +37,29 @@ class StageParams:
     plateau_factor: float = 0.1  # (plateau) learning-rate factor at each drop (the STRMN paper: 0.1)
     plateau_patience: int = 0  # (plateau) checks without a decrease before a drop (the paper: 0)
     plateau_min_scale: float = 0.0  # (plateau) the rate never drops below lr x this (0: no floor)
-    warmup_steps: int = 0  # linear learning-rate warm-up steps
+    warmup_steps: int = 10  # linear learning-rate warm-up steps
     weight_decay: float = 0.0  # Adam weight decay
     grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
     loss: Literal["ce", "bootstrap"] = "ce"  # cross-entropy, or bootstrapped CE over the hardest pixels
     bootstrap_top_p: float = 0.15  # share of hardest pixels the bootstrapped CE averages
-    read_loss: float = 0.0  # (STM) weight of a loss on the read: query pixels should read memory of their own label (not in the papers; 0: off)
+    read_loss: float = 0.3  # (STM) weight of a loss on the read: query pixels should read memory of their own label (not in the papers; 0: off)
     frames: int = 3  # frames per STM training clip (the paper: 3)
     crop: int = 96  # square training crop in pixels (the paper: 384); Parquet clips larger than it are cropped
     max_objects: int = 3  # objects per clip at most (a random subset of frame 0's objects)
-    max_skip: int = 0  # largest frame skip between sampled video frames (the paper: 25)
+    max_skip: int  # largest frame skip between sampled video frames (the paper: 25)
     skip_ramp: float = 0.5  # share of the steps over which max skip grows from 0 (curriculum)
-    data: str = "data/synthetic/{model}"  # Parquet clip folder or video dataset root ({model}: stm|strmn)
-    data_format: Literal["parquet", "davis", "youtube-vos"] = "parquet"  # layout of `data`
+    data: str  # Parquet clip folder or video dataset root ({model}: stm|strmn)
+    data_format: Literal["parquet", "davis", "youtube-vos"]  # layout of `data`
     split: str = "train"  # video split (DAVIS ImageSets name / YouTube-VOS folder)
-    init: str = "none"  # starting weights: none | pretrain (that stage's output for this model) | a path
+    init: str  # starting weights: none | pretrain (that stage's output for this model) | a path
     shuffle_buffer: int = 64  # Parquet rows in each worker's local shuffle buffer (0: no shuffle)
-    materialize: bool | None = None  # load the input into Ray's object store first (the 2-CPU Ray Data + Train deadlock fix); null: only inputs under ray.materialize_max_mb
+    materialize: bool | None = True  # load the input into Ray's object store first (the 2-CPU Ray Data + Train deadlock fix); null: only inputs under ray.materialize_max_mb
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
-    checkpoint_every: int = 50  # steps between checkpoints (and always at the end)
+    checkpoint_every: int = 20  # steps between checkpoints (and always at the end)
     num_to_keep: int = 2  # checkpoints kept in storage
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the stage fails
     log_every: int = 10  # steps between progress lines / MLflow metrics
-    log_images_every: int = 50  # steps between prediction overlays logged to MLflow (0: never)
+    log_images_every: int = 30  # steps between prediction overlays logged to MLflow (0: never)
 
     def __post_init__(self):
         if self.read_loss < 0:
@@ -70,17 +70,17 @@ class StageParams:
 class StrmnParams:
     """How the STRMN model beside STM is trained (params section `strmn`)."""
 
-    slots: int = 5  # K memory slots during the training unroll
+    slots: int = 4  # K memory slots during the training unroll
     rule: Literal["A", "B", "C", "D", "I2M"] = "C"  # memory update rule during training
     norm: Literal["frozen_bn", "group"] = "group"  # backbone normalisation (the STRMN paper: GroupNorm)
     segment_length: int = 4  # TBPTT segment length T in frames (the paper: 10)
     pretrain_frames: int = 5  # frames per synthetic pretraining clip (the paper: 5)
-    main_frames: int = 8  # frames per video clip in main training (the paper: 50)
+    main_frames: int = 7  # frames per video clip in main training (the paper: 50)
     update: Literal["clip", "segment"] = "clip"  # one Adam step per clip batch, or per TBPTT segment (the paper)
-    batch_size: int | None = None  # global batch of the STRMN stages (null: the stage's batch_size)
-    rules: list[str] = dataclasses.field(default_factory=lambda: ["C"])  # one main (fine-tuning) stage per rule (dvc foreach)
-    pretrain_steps: int | None = None  # optimizer steps of the shared STRMN pretraining (null: pretrain.steps)
-    main_steps: int | None = None  # optimizer steps of each per-rule main stage (null: train.steps)
+    batch_size: int | None = 2  # global batch of the STRMN stages (null: the stage's batch_size)
+    rules: list[str] = dataclasses.field(default_factory=lambda: ["A", "B", "C", "D", "I2M"])  # one main (fine-tuning) stage per rule (dvc foreach)
+    pretrain_steps: int | None = 60  # optimizer steps of the shared STRMN pretraining (null: pretrain.steps)
+    main_steps: int | None = 8  # optimizer steps of each per-rule main stage (null: train.steps)
     lr: float | None = None  # learning rate of the STRMN stages (null: the stage's lr; the paper: 1e-4)
     lr_schedule: str | None = None  # schedule of STRMN fine-tuning (null: train's)
     pretrain_lr_schedule: str | None = None  # schedule of STRMN pretraining (null: pretrain's; the paper: plateau)
@@ -92,7 +92,7 @@ class StrmnParams:
 class RayParams:
     """Ray resources (params section `ray`)."""
 
-    num_workers: int = 2  # training workers (DDP ranks); 0 runs in-process without Ray workers
+    num_workers: int = 0  # training workers (DDP ranks); 0 runs in-process without Ray workers
     use_gpu: bool = False  # one GPU per worker, NCCL; CPU workers use gloo
     cpus_per_worker: float = 1.0  # CPUs reserved per worker (also its torch threads)
     gpus_per_worker: float = 1.0  # GPUs per worker when use_gpu
@@ -217,7 +217,10 @@ def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = 
     model = section({**params, "model": model_raw}, "model", ModelConfig)
     # The STM stages neither read nor depend on `strmn` (dvc.yaml lists only what each stage reads).
     strmn = section(params, "strmn", StrmnParams) if kind == "strmn" else StrmnParams()
-    model = dataclasses.replace(model, kind=kind, **({"norm": strmn.norm} if kind == "strmn" else {}))
+    changes: dict[str, Any] = {"kind": kind}  # a plain str: ModelConfig checks it
+    if kind == "strmn":
+        changes["norm"] = strmn.norm
+    model = dataclasses.replace(model, **changes)
     name = "pretrain" if stage == "pretrain" else "train"
     seed = params.get("seed", 0)
     if not isinstance(seed, int):
@@ -249,14 +252,17 @@ def data_fingerprint(s: TrainSettings) -> str:
     data = s.stage_params.data.replace("{model}", s.kind)
     if storage.is_uri(data):  # no local copy: the store's listing
         return hashlib.sha256("\n".join(storage.list_files(data)).encode()).hexdigest()
-    return storage.fingerprint(s.data_path())
+    local = s.data_path()
+    assert local is not None, f"{data}: not a URI, so it has a local path"
+    return storage.fingerprint(local)
 
 
 def run_name(s: TrainSettings, init: Path | None) -> str:
     """Same name <=> same training: re-running after a crash resumes, changed params start fresh."""
-    recipe = {"model": s.model.to_dict(), "stage": dataclasses.asdict(s.stage_params), "seed": s.seed,
-              "frames": s.frames, "strmn": dataclasses.asdict(s.strmn) if s.kind == "strmn" else None,
-              "data": data_fingerprint(s), "init": storage.fingerprint(init) if init else None}
+    recipe: dict[str, Any] = {
+        "model": s.model.to_dict(), "stage": dataclasses.asdict(s.stage_params), "seed": s.seed,
+        "frames": s.frames, "strmn": dataclasses.asdict(s.strmn) if s.kind == "strmn" else None,
+        "data": data_fingerprint(s), "init": storage.fingerprint(init) if init else None}
     for key in ("checkpoint_every", "num_to_keep", "max_failures", "log_every", "log_images_every", "materialize"):
         recipe["stage"].pop(key)  # bookkeeping: changing it must not throw away a half-done run
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:10]

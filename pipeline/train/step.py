@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
+from typing import cast
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ class Unroll(nn.Module):
                 valid: torch.Tensor | None = None, segments: Iterator[SegmentOutput] | None = None):
         if segments is not None:  # the segment's whole graph is built in this call: DDP sees it
             return next(segments)
+        assert frames is not None and masks is not None and valid is not None, \
+            "Unroll.forward needs frames, masks and valid, or segments"
         kw = {"loss": self.settings["loss"], "top_p": self.settings["bootstrap_top_p"]}
         if self.network.config.kind == "strmn":
             from stm_core.training import unroll_strmn
@@ -98,7 +101,7 @@ def make_train_step(model: nn.Module, network: STMNetwork, optimizer, scaler, au
     kind = network.config.kind
     per_segment = kind == "strmn" and strmn.get("update", "clip") == "segment"
     accumulate = kind == "strmn" and not per_segment and is_ddp(model)
-    unroll: Unroll = model.module if is_ddp(model) else model
+    unroll = cast(Unroll, model.module if is_ddp(model) else model)  # DDP wraps the Unroll
 
     def backward(loss: torch.Tensor) -> None:
         with torch.autocast(loss.device.type, enabled=False):  # backward outside autocast
@@ -120,7 +123,8 @@ def make_train_step(model: nn.Module, network: STMNetwork, optimizer, scaler, au
         for i in range(count):
             last = i == count - 1
             sync = per_segment or last or not is_ddp(model)
-            with (nullcontext() if sync else model.no_sync()):
+            # not sync implies DDP (is_ddp above)
+            with (nullcontext() if sync else cast(nn.parallel.DistributedDataParallel, model).no_sync()):
                 with autocast:
                     seg = model(segments=segments)
                 share = seg.logits.shape[1] / predicted

@@ -82,8 +82,8 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int], nearest: 
     inv = np.linalg.inv(matrix)
     coeffs = tuple(float(v) for v in inv[:2].reshape(-1))
     im = Image.fromarray(image)
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    out = im.transform((size[1], size[0]), Image.AFFINE, coeffs, resample=resample, fillcolor=fill)
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    out = im.transform((size[1], size[0]), Image.Transform.AFFINE, coeffs, resample=resample, fillcolor=fill)
     return np.asarray(out).copy()
 
 

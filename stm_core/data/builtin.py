@@ -60,7 +60,7 @@ def sample_image(name: str) -> np.ndarray:
 
 
 def _resize(img: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    mode = Image.NEAREST if nearest else Image.BILINEAR
+    mode = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
     return np.asarray(Image.fromarray(img).resize((size[1], size[0]), mode)).copy()
 
 

@@ -72,8 +72,8 @@ def _tracks(cfg: BuiltinVideosConfig, rng: np.random.Generator, n_obj: int) -> l
     base_dir = rng.uniform(0, 2 * math.pi)
     tracks = []
     for k in range(n_obj):
-        side = rng.uniform(*cfg.object_size) * short
-        length = rng.uniform(*cfg.travel) * short
+        side = rng.uniform(cfg.object_size[0], cfg.object_size[1]) * short
+        length = rng.uniform(cfg.travel[0], cfg.travel[1]) * short
         # Directions spread around the circle so paths cross near the centre.
         phi = base_dir + k * math.pi / max(n_obj, 1) + rng.uniform(-0.3, 0.3)
         direction = np.array([math.cos(phi), math.sin(phi)])

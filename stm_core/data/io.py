@@ -24,7 +24,7 @@ class DataError(ValueError):
 
 def davis_palette() -> list[int]:
     """The 256-colour DAVIS / PASCAL VOC palette (flat [r, g, b] * 256): index k -> colour of object k."""
-    palette = []
+    palette: list[int] = []
     for index in range(256):
         r = g = b = 0
         c = index

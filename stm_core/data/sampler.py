@@ -123,7 +123,11 @@ class VideoClipSampler:
             picks = picks[::-1]
         size = (cfg.height, cfg.width)
         images = [video.load_image(i) for i in picks]
-        masks = [video.load_mask(i, images[k].shape[:2]) for k, i in enumerate(picks)]
+        masks: list[np.ndarray] = []  # H x W uint8 ids, one per pick
+        for k, i in enumerate(picks):
+            mask = video.load_mask(i, images[k].shape[:2])
+            assert mask is not None, f"{video.name}: frame {i} is in annotated but has no mask"
+            masks.append(mask)
         h, w = images[0].shape[:2]
         cover = max(cfg.height / h, cfg.width / w)
         zoom = AffineRange(zoom=list(cfg.scale), translate=0.0, hflip=cfg.hflip)

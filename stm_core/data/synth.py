@@ -141,7 +141,7 @@ def _attempt(pairs: PairSource, cfg: SynthConfig, rng: np.random.Generator, size
             ys, xs = np.nonzero(region)
             y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
             image, region = image[y0:y1, x0:x1], region[y0:y1, x0:x1]
-            side = rng.uniform(*cfg.object_scale) * min(h, w)
+            side = rng.uniform(cfg.object_scale[0], cfg.object_scale[1]) * min(h, w)
             scale = side / max(y1 - y0, x1 - x0)
             place = sample_affine(cfg.object_affine, rng, ((x1 - x0) / 2, (y1 - y0) / 2), size, scale)
             # Uniform placement anywhere in the frame (translate ranges keep it near the centre otherwise).

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,7 +24,14 @@ from stm_core.data.io import DataError, read_image, read_index_mask, to_tensor
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def natural_key(path: Path) -> tuple:
+class Stemmed(Protocol):
+    """What natural_key reads of a path: a Path, or a store file that stands in for one."""
+
+    @property
+    def stem(self) -> str: ...
+
+
+def natural_key(path: Stemmed) -> tuple:
     """Sort 'f2' before 'f10': numbers compare as numbers."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.stem))
 
@@ -81,7 +89,7 @@ class VideoSequence:
                     f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but frame {self.frames[index]} is "
                     f"{want[1]}x{want[0]} (W x H); masks must match their frame's size"
                 )
-            im = Image.fromarray(mask).resize((want[1], want[0]), Image.NEAREST)
+            im = Image.fromarray(mask).resize((want[1], want[0]), Image.Resampling.NEAREST)
             mask = np.asarray(im, dtype=np.uint8).copy()
         return mask
 
@@ -258,6 +266,7 @@ def validate_sequence(seq: VideoSequence, check_pixels: bool = True) -> list[str
             raise DataError(f"{path}: frame is {w}x{h} but {seq.frames[0].name} is {size[1]}x{size[0]} (W x H)")
     if not seq.annotations:
         return warnings
+    assert size is not None, "a sequence with frames has a frame size"  # seq.frames is not empty
     previous: tuple[int, np.ndarray] | None = None
     for index in seq.annotated:
         path = seq.annotations[index]
@@ -265,6 +274,7 @@ def validate_sequence(seq: VideoSequence, check_pixels: bool = True) -> list[str
         if raw.shape != size:
             warnings.append(f"{path}: mask is {raw.shape[1]}x{raw.shape[0]}, frame is {size[1]}x{size[0]}; resized")
         mask = seq.load_mask(index, size)  # raises if beyond tolerance
+        assert mask is not None, f"{path}: an annotated frame has a mask"  # index is in seq.annotated
         ids = set(np.unique(mask).tolist()) - {0}
         if previous is None and not ids:
             raise DataError(f"{path}: the first annotated frame of {seq.name!r} holds no object (all background)")

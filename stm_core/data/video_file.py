@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,8 +98,10 @@ class VideoWriter:
         self.path = Path(path)
         self.fps = fps
         self.crf = crf
-        self._container = None
-        self._stream = None
+        # PyAV objects (av.container.OutputContainer, its video stream), set on the first frame;
+        # `av` is imported lazily by _av(), so they are typed loosely
+        self._container: Any = None
+        self._stream: Any = None
 
     def _open(self, height: int, width: int) -> None:
         av = _av()

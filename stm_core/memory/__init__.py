@@ -32,9 +32,19 @@ def _no_args(policy: str, args: list[str]) -> None:
         raise ValueError(f"memory policy {policy!r} takes no ':' arguments")
 
 
-register_policy("first", lambda p, a, net: (_no_args(p, a), FrameMemory(True, None, 0))[1])
-register_policy("previous", lambda p, a, net: (_no_args(p, a), FrameMemory(False, None, 1))[1])
-register_policy("first+previous", lambda p, a, net: (_no_args(p, a), FrameMemory(True, None, 1))[1])
+def _without_args(pin_annotated: bool, rolling: int) -> Callable[..., Memory]:
+    """The builder of a frame-memory policy that takes no ':' arguments."""
+
+    def build(policy: str, args: list[str], network) -> Memory:
+        _no_args(policy, args)
+        return FrameMemory(pin_annotated, None, rolling)
+
+    return build
+
+
+register_policy("first", _without_args(True, 0))
+register_policy("previous", _without_args(False, 1))
+register_policy("first+previous", _without_args(True, 1))
 register_policy("every", lambda p, a, net: FrameMemory(True, _int_arg(p, a, 1), 1))
 register_policy(
     "fifo", lambda p, a, net: FrameMemory(False, None, _int_arg(p, a, 2) - 1, pin_first_only=True)

@@ -39,9 +39,11 @@ class TokenBuffer:
 
     def move(self, src: int, dst: int) -> None:
         if src != dst:
+            assert self.data is not None, "move on an empty token buffer"
             self.write(dst, self.data[:, src].clone())
 
     def view(self, n: int) -> torch.Tensor:  # O x (n*hw) x C, no copy
+        assert self.data is not None, "view of an empty token buffer"
         return self.data[:, :n].flatten(1, 2)
 
 
@@ -66,7 +68,10 @@ class FrameMemory(Memory):
             return self.n_pinned == 0
         if annotated and self.pin_annotated:
             return True
-        return self.every is not None and (frame_index - self.start) % self.every == 0
+        if self.every is None:
+            return False
+        assert self.start is not None, "_pins before the first add"  # add and wants set or check it
+        return (frame_index - self.start) % self.every == 0
 
     def wants(self, frame_index: int) -> bool:
         if self.rolling > 0:

@@ -20,7 +20,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_resnet(name: str, pretrained: str, norm: str) -> nn.Module:
+def build_resnet(name: str, pretrained: str, norm: str) -> models.ResNet:
     """torchvision ResNet with frozen BatchNorm (the paper) or GroupNorm (STRMN's small batches).
 
     `pretrained`: "imagenet" (torchvision weights API; needs internet or a warm cache), "none",
@@ -78,7 +78,10 @@ class QueryFeatures(NamedTuple):
 
 
 class Normalize(nn.Module):
-    def __init__(self):
+    mean: torch.Tensor  # 1 x 3 x 1 x 1 buffer
+    std: torch.Tensor  # 1 x 3 x 1 x 1 buffer
+
+    def __init__(self) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

@@ -141,6 +141,8 @@ class WinogradConv2d(nn.Conv2d):
 
     def _winograd(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()  # NNPACK reads NCHW
+        # NNPACK takes numeric padding only; a "same"/"valid" conv fails here
+        assert not isinstance(self.padding, str), f"winograd conv needs numeric padding, got {self.padding!r}"
         out = [torch._nnpack_spatial_convolution(x[i : i + 1], self.weight, self.bias, self.padding, self.stride)
                for i in range(x.shape[0])]
         return out[0] if len(out) == 1 else torch.cat(out)

@@ -38,8 +38,8 @@ class ModelConfig:
     kind: Literal["stm", "strmn"] = "stm"  # stm: growing frame memory; strmn: K slots + Fusion Cell
     backbone: str = "resnet18"  # resnet50 is the paper's; resnet18 is the small CPU default
     pretrained: str = "none"  # imagenet | none | path to a backbone state dict
-    norm: Literal["frozen_bn", "group"] = "frozen_bn"  # frozen BatchNorm (STM) or GroupNorm (STRMN)
-    decoder_dim: int = 256  # channels of the refinement decoder (256 in the paper)
+    norm: Literal["frozen_bn", "group"] = "group"  # frozen BatchNorm (STM) or GroupNorm (STRMN; trains from scratch)
+    decoder_dim: int = 64  # channels of the refinement decoder (256 in the paper)
     top_k: int | None = None  # read only the k most similar memory locations (None: all, as STM)
     fusion_dim: int = 64  # hidden channels of the Fusion Cell's small CNNs f, g, h (STRMN)
     fusion_scale: Literal["sqrt", "none"] = "sqrt"  # Fusion Cell attention scale: 1/sqrt(C) | none (eq. 3)
@@ -130,11 +130,17 @@ class STMNetwork(nn.Module):
         enc = self.query_encoder
         r2 = enc.res2(enc.stem(enc.normalize(frames)))
         r3 = enc.res3(r2)
-        s3 = beside(self.decoder.refine3.skip, r3) if beside is not None else self.decoder.refine3.skip(r3)
+        pending: Future[torch.Tensor] | None = None
+        if beside is not None:
+            pending = beside(self.decoder.refine3.skip, r3)
+        else:
+            s3 = self.decoder.refine3.skip(r3)
         r4 = enc.res4(r3)
         key, value = self.query_kv(r4)
         s2 = self.decoder.refine2.skip(r2)
-        return QueryFeatures(key, value, (r3, r2)), (s3.result() if beside is not None else s3, s2)
+        if pending is not None:
+            s3 = pending.result()
+        return QueryFeatures(key, value, (r3, r2)), (s3, s2)
 
     def encode_memory(
         self,

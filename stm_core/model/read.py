@@ -47,6 +47,7 @@ def memory_read(
 
     def read(q: torch.Tensor) -> torch.Tensor:  # N x rows x Ck -> N x rows x Cv
         if use_top_k:
+            assert top_k is not None  # use_top_k implies it
             return _top_k_read(q, memory_key, memory_value, top_k, scale)
         return F.scaled_dot_product_attention(q[:, None], memory_key[:, None], memory_value[:, None],
                                               scale=scale)[:, 0]  # one head: N x 1 x L x C

@@ -145,16 +145,25 @@ def start_moto(procs: Processes, base: Path, env: dict[str, str]) -> str:
     return url
 
 
-def start_mlflow(procs: Processes, base: Path, env: dict[str, str], artifacts: str) -> tuple[str, subprocess.Popen]:
-    """-> (URL, process): not waited for (it starts in parallel with Ray); see wait_mlflow."""
+def node_address() -> str:
+    """The address Ray registers this host's nodes at (even when started at 127.0.0.1): the one a
+    stage hands its nodes in place of a loopback MLflow address."""
     import ray
 
-    # As on a cluster's head: every address of this host, the node address Ray registers included
-    # (a stage hands its nodes that address, never loopback).
+    return ray.util.get_node_ip_address()
+
+
+def mlflow_allowed_hosts() -> str:
+    """`--allowed-hosts` of an MLflow server listening as on a cluster's head (0.0.0.0): loopback and
+    the node address."""
+    return f"localhost:*,127.0.0.1:*,{node_address()}:*"
+
+
+def start_mlflow(procs: Processes, base: Path, env: dict[str, str], artifacts: str) -> tuple[str, subprocess.Popen]:
+    """-> (URL, process): not waited for (it starts in parallel with Ray); see wait_mlflow."""
     port = free_port()
-    hosts = f"localhost:*,127.0.0.1:*,{ray.util.get_node_ip_address()}:*"
     args = [sys.executable, "-m", "mlflow", "server", "--host", "0.0.0.0", "--port", str(port),
-            "--allowed-hosts", hosts, "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+            "--allowed-hosts", mlflow_allowed_hosts(), "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
             "--artifacts-destination", artifacts, "--workers", "1"]
     proc = procs.start(args, base / "mlflow.log", env)
     return f"http://127.0.0.1:{port}", proc

@@ -58,12 +58,9 @@ def mlflow_server(workdir):
     """infra/mlflow/start-server.sh on every address of this host, as on a cluster's head, with a
     sqlite store (every option the script can pass, so an option this MLflow lacks fails here);
     started before the cluster so both warm up together. Tests call wait_ready()."""
-    import ray
-
     port = lb.free_port()
-    hosts = f"127.0.0.1:*,localhost:*,{ray.util.get_node_ip_address()}:*"  # the node address stages hand out
     env = lb.clean_env(MLFLOW_DATA_DIR=str(workdir / "mlflow"), MLFLOW_HOST="0.0.0.0", MLFLOW_PORT=str(port),
-                       MLFLOW_WORKERS="1", MLFLOW_ALLOWED_HOSTS=hosts, MLFLOW_AUTH="none")
+                       MLFLOW_WORKERS="1", MLFLOW_ALLOWED_HOSTS=lb.mlflow_allowed_hosts(), MLFLOW_AUTH="none")
     procs = lb.Processes(marker=str(workdir / "mlflow"))
     log = workdir / "mlflow-server.log"
     proc = procs.start(["bash", str(REPO / "infra" / "mlflow" / "start-server.sh")], log, env)
@@ -159,9 +156,7 @@ def test_ray_job_submit_runs_stm_evaluate_on_the_cluster(ray_head, mlflow_server
             assert [p.name for p in pngs] == [f"{t:05d}.png" for t in range(4)], (variant, seq)
     evaluation = json.loads((shared / "results" / "evaluation.json").read_text())
     # the loopback address the job was given is never handed on: the driver node's address is
-    import ray
-
-    assert evaluation["tracking_uri"] == tracking.replace("127.0.0.1", ray.util.get_node_ip_address())
+    assert evaluation["tracking_uri"] == tracking.replace("127.0.0.1", lb.node_address())
 
     from mlflow import MlflowClient
 

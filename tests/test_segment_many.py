@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.segment.outputs import MARKER  # a complete video's record
 from stm_core.data.builtin_videos import BuiltinVideosConfig, write_builtin_videos
 from stm_core.data.io import read_index_mask, write_index_mask
 from stm_core.data.video_file import write_video
@@ -125,7 +126,7 @@ def test_a_killed_run_resumes_without_redoing_complete_videos(tmp_path, ray_2cpu
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
 
     def finished() -> list[str]:  # a video's record is written after all of its frames
-        return [n for n in names if (out / n / ".complete.json").is_file()]
+        return [n for n in names if (out / n / MARKER).is_file()]
 
     deadline = time.monotonic() + 240
     try:
@@ -140,14 +141,14 @@ def test_a_killed_run_resumes_without_redoing_complete_videos(tmp_path, ray_2cpu
     complete = finished()
     assert complete, log.read_text()[-3000:]
     assert 2 <= len(complete) < len(names), "the run should have been killed midway"
-    before = {n: (out / n / ".complete.json").stat().st_mtime_ns for n in complete}
+    before = {n: (out / n / MARKER).stat().st_mtime_ns for n in complete}
     assert all(len(list((out / n).glob("*.png"))) == 16 for n in complete)  # complete or absent
 
     capsys.readouterr()
     assert segment("--checkpoint", ckpt, "--dataset", tmp_path / "davis", "--out", out, "--workers", 2) == 0
     err = capsys.readouterr().err
     assert f"skipping {len(complete)} complete video(s)" in err
-    assert {n: (out / n / ".complete.json").stat().st_mtime_ns for n in complete} == before  # not redone
+    assert {n: (out / n / MARKER).stat().st_mtime_ns for n in complete} == before  # not redone
     summary = json.loads((out / "segment.json").read_text())["summary"]
     assert summary == {**summary, "videos": 5, "skipped": len(complete), "done": 5 - len(complete), "failed": 0}
     assert all(len(list((out / n).glob("*.png"))) == 16 for n in names)
@@ -156,7 +157,7 @@ def test_a_killed_run_resumes_without_redoing_complete_videos(tmp_path, ray_2cpu
     assert segment("--checkpoint", ckpt, "--dataset", tmp_path / "davis", "--out", out, "--force",
                    "--sequences", complete[0]) == 0
     assert json.loads((out / "segment.json").read_text())["summary"]["done"] == 1
-    assert (out / complete[0] / ".complete.json").stat().st_mtime_ns > before[complete[0]]
+    assert (out / complete[0] / MARKER).stat().st_mtime_ns > before[complete[0]]
 
 
 def test_a_long_video_with_a_bounded_memory_keeps_resident_memory_flat(tmp_path, ray_2cpu):

@@ -94,10 +94,9 @@ def read_params(params: dict, only: list[str] | None = None) -> tuple[DownloadPa
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    if "sources" not in raw:
-        raise ParamsError(f"{where}: missing key(s) ['sources'] (no default: params.yaml sets them)")
-    # the common keys alone: each source's entry is read (and tracked by DVC) only when chosen
-    common = from_dict(DownloadParams, {**{k: raw[k] for k in known - {"sources"} if k in raw}, "sources": {}}, where)
+    # the common keys alone (from_dict names a missing `sources`): each source's entry is read, and
+    # tracked by DVC, only when chosen
+    common = from_dict(DownloadParams, {k: ({} if k == "sources" else raw[k]) for k in known if k in raw}, where)
     sources = raw["sources"]
     if not isinstance(sources, dict):
         raise ParamsError(f"{where}.sources: expected a mapping of source name -> settings ({{}} for none), "

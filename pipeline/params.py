@@ -6,7 +6,8 @@ names the file and the key.
 A params file may be an overlay: `extends: params.yaml` at its top level names the file it
 changes (relative to the overlay's folder; that one may extend another), and the overlay holds only
 what differs. Mappings merge key by key; any other value (a list, a number) replaces the base's.
-Every overlay key must exist in its base (a typo is an error naming the overlay and the key);
+Every overlay key must exist in its base (a typo is an error naming the overlay and the key), or,
+under `pretrain:` or `train:`, in the base's `training:` (a shared key set for one stage);
 `replace: [download.sources]` names mappings that the overlay's value replaces whole, new names
 allowed. `load_params` returns the merged mapping, so every `--params` accepts an overlay; DVC reads
 only params.yaml, which `stm recipe OVERLAY` writes from one (pipeline/recipe.py).
@@ -47,6 +48,7 @@ class ParamsError(ValueError):
     pass
 
 
+OVER_SHARED = {"pretrain": "training", "train": "training"}  # section -> the shared section whose keys it may set
 EXTENDS_KEY = "extends"  # overlay: the params file it changes
 REPLACE_KEY = "replace"  # overlay: dotted keys of mappings its values replace whole instead of merging
 
@@ -112,18 +114,28 @@ def resolve_overlay(path: str | Path) -> dict[str, Any]:
     return merge(resolve_overlay(base_file), data, set(replace), f"{path}", f"{base_file}")
 
 
+def shared_keys(root: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
+    """The keys a section at `prefix` may set beyond its own (OVER_SHARED), from the top-level base."""
+    shared = OVER_SHARED.get(prefix.removesuffix("."))
+    return (root or {}).get(shared) or {} if shared else {}
+
+
 def merge(base: dict[str, Any], overlay: dict[str, Any], replace: set[str], where: str, base_file: str,
-          prefix: str = "") -> dict[str, Any]:
+          prefix: str = "", root: dict[str, Any] | None = None) -> dict[str, Any]:
     """`base` with `overlay`'s values: mappings key by key, keys in `replace` (dotted) whole."""
+    root = base if root is None else root
     out = dict(base)
     for key, value in overlay.items():
         dotted = f"{prefix}{key}"
+        if key not in base and (shared := shared_keys(root, prefix)) and key in shared:
+            out[key] = value  # a stage's own value of a shared key
+            continue
         if key not in base:
             known = ", ".join(sorted(map(str, base))) if isinstance(base, dict) else ""
             raise ParamsError(f"{where}: {dotted}: not a key of {base_file} (an overlay only changes existing keys; "
                               f"list a mapping under `{REPLACE_KEY}:` to replace it whole). Known here: {known}")
         if dotted not in replace and isinstance(value, dict) and isinstance(base[key], dict):
-            out[key] = merge(base[key], value, replace, where, base_file, f"{dotted}.")
+            out[key] = merge(base[key], value, replace, where, base_file, f"{dotted}.", root)
         else:
             out[key] = value
     return out

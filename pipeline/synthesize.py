@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pipeline import storage, tracking
 from pipeline.params import DEFAULT_PARAMS, load_params, section
 from pipeline.tracking import workspace_root
-from stm_core.data.augment import AffineRange, ColorJitter
+from stm_core.data.augment import AffineRange, ColorJitter, check_range
 from stm_core.data.io import DataError
 from stm_core.data.synth import SynthConfig, default_clip_affine, default_frame_affine, default_object_affine
 
@@ -70,6 +70,9 @@ class SynthesizeParams:
     min_actors: int = 1  # clip-making actors at least; Ray Data grows the pool to num_actors as CPUs free up
     mode: Literal["paste", "affine"] = "paste"  # paste: objects of several images layered | affine: one image (STM)
     val_share: float = 0.0  # share of images held out of sets with val_clips > 0, for their validation clips
+
+    def __post_init__(self) -> None:
+        check_range("object_scale", self.object_scale)
 
     def synth_config(self, n_frames: int, split: str = "all") -> SynthConfig:
         return SynthConfig(n_frames=n_frames, height=self.height, width=self.width, max_objects=self.max_objects,

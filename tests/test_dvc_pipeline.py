@@ -42,10 +42,10 @@ def tiny_params(params: dict, root: Path) -> dict:
                                 sets={"stm": {"frames": 3, "clips": 8}, "strmn": {"frames": 5, "clips": 8}})
     params["model"].update(decoder_dim=16, fusion_dim=8)
     params["strmn"].update(main_frames=4, segment_length=2, batch_size=2)
-    for stage in ("pretrain", "train"):
-        params[stage].update(steps=2, batch_size=2, crop=32, warmup_steps=0, checkpoint_every=2, log_every=1,
-                             log_images_every=0, shuffle_buffer=4)
-    params["train"]["max_skip"] = 1
+    params["training"].update(batch_size=2, crop=32, warmup_steps=0, checkpoint_every=2, log_every=1,
+                              log_images_every=0, shuffle_buffer=4)
+    params["pretrain"]["steps"] = 2
+    params["train"].update(steps=2, max_skip=1)
     params["ray"].update(num_workers=0, num_cpus=2)
     params["evaluate"]["overlays"] = 1  # every default variant stays: `dvc exp show` must fit all of them
     return params

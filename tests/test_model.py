@@ -162,6 +162,8 @@ def test_winograd_conv_times_both_kernels_once_per_shape_and_computes_the_conv()
     for y in (out, other):
         assert (y - expected).abs().max() <= 1e-4 * expected.abs().max()
     fast_path._WINOGRAD_FASTER.pop(key)
+    same = torch.nn.Conv2d(8, 16, 3, padding="same")  # NNPACK takes numeric padding only
+    assert fast_path.winograd_convs_(same) == 0 and type(same) is torch.nn.Conv2d
 
 
 def test_winograd_off_runs_the_plain_convolution_and_times_nothing():

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from pipeline.params import load_params
+from pipeline.train.settings import stage_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,8 +75,10 @@ def test_the_paper_recipe_runs_through_every_stage_on_cpu(tmp_path: Path):
     # Only sizes, steps and data changed: the model and training choices are the recipe's.
     for key in ("backbone", "norm", "decoder_dim", "fusion_scale", "similarity"):
         assert params["model"][key] == paper["model"][key]
-    for key in ("lr", "precision", "plateau_patience", "plateau_min_scale", "batch_size"):
-        assert params["pretrain"][key] == paper["pretrain"][key]
+    for stage in ("pretrain", "train"):
+        ours, theirs = stage_section(params, stage), stage_section(paper, stage)
+        for key in ("lr", "precision", "plateau_patience", "plateau_min_scale", "batch_size"):
+            assert getattr(ours, key) == getattr(theirs, key), f"{stage}.{key}"
     assert {k: v for k, v in params["strmn"].items() if k not in ("main_frames", "segment_length", "rules")} == \
         {k: v for k, v in paper["strmn"].items() if k not in ("main_frames", "segment_length", "rules")}
 

@@ -13,16 +13,16 @@ import yaml
 from pipeline.download.stage import DownloadParams
 from pipeline.evaluate.stage import EvaluateParams
 from pipeline.evaluate.variants import MemoryParams
-from pipeline.params import ParamsError, load_params, section
+from pipeline.params import OVER_SHARED, ParamsError, load_params, section
 from pipeline.storage import StorageParams
 from pipeline.synthesize import SynthesizeParams
 from pipeline.tracking import MlflowParams
-from pipeline.train.settings import RayParams, StageParams, StrmnParams, settings
+from pipeline.train.settings import STAGE_KEYS, RayParams, StageParams, StrmnParams, settings, stage_section
 from stm_core.model.network import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"download": DownloadParams, "synthesize": SynthesizeParams, "model": ModelConfig, "strmn": StrmnParams,
-            "pretrain": StageParams, "train": StageParams, "ray": RayParams, "memory": MemoryParams,
+            "training": StageParams, "ray": RayParams, "memory": MemoryParams,
             "evaluate": EvaluateParams, "mlflow": MlflowParams, "storage": StorageParams}
 FILES = ["params.yaml", "params-paper.yaml"]
 
@@ -31,7 +31,10 @@ FILES = ["params.yaml", "params-paper.yaml"]
 def test_every_section_parses(name: str):
     params = load_params(REPO / name)
     for key, cls in SECTIONS.items():
-        section(params, key, cls)
+        if key != "training":  # no stage on its own: pretrain and train over it
+            section(params, key, cls)
+    for stage_name in ("pretrain", "train"):
+        stage_section(params, stage_name)
     for stage in ("pretrain", "main"):
         for kind in ("stm", "strmn"):
             settings(REPO / name, stage, kind)
@@ -40,11 +43,16 @@ def test_every_section_parses(name: str):
 @pytest.mark.parametrize("name", FILES)
 def test_every_settable_key_is_present(name: str):
     raw = load_params(REPO / name)  # the overlay merged over params.yaml
-    for key, cls in SECTIONS.items():
+    declared = {key: {f.name for f in dataclasses.fields(cls)} - {"kind"} for key, cls in SECTIONS.items()}  # kind: --model
+    declared["training"] -= set(STAGE_KEYS)  # shared once; each stage holds its own keys
+    declared |= {"pretrain": set(STAGE_KEYS), "train": set(STAGE_KEYS)}
+    for key, keys in declared.items():
         assert key in raw, f"{name}: section {key} missing"
-        declared = {f.name for f in dataclasses.fields(cls)} - {"kind"}  # kind is set by --model
-        missing = declared - set(raw[key])
+        missing = keys - set(raw[key])
         assert not missing, f"{name}: {key} lacks {sorted(missing)}"
+    if name == "params.yaml":  # the default sets every shared key once (an overlay may set one for one stage)
+        shared = {s: set(raw[s]) & declared["training"] for s in ("pretrain", "train")}
+        assert shared == {"pretrain": set(), "train": set()}, f"{name}: a shared key repeated in a stage: {shared}"
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -78,8 +86,11 @@ def test_the_paper_recipe_holds_only_differences():
     for key, value in _leaves(overlay):
         if any(key == r or key.startswith(r + ".") for r in replaced):
             continue
-        node = base
-        for part in key.split("."):
+        section, _, rest = key.partition(".")
+        node = base[section]
+        if section in OVER_SHARED and rest not in node:  # a shared key set for one stage
+            node = base[OVER_SHARED[section]]
+        for part in rest.split(".") if rest else []:
             node = node[part]
         if node == value:
             same.append(key)
@@ -107,7 +118,9 @@ def test_overlay_errors_name_the_file_and_key(tmp_path: Path):
     p = load_params(good)
     assert p["download"]["sources"] == {"builtin-images": {"count": 4}}
     assert p["memory"]["rules"] == ["C"] and p["memory"]["slots"] == 5 and p["train"]["steps"] == 3
-    assert p["train"]["lr"] == 1e-5 and p["train"]["batch_size"] == 4 and p["__file__"] == str(good)
+    assert p["training"]["lr"] == 1e-5 and p["training"]["batch_size"] == 4 and p["__file__"] == str(good)
+    train = stage_section(p, "train")
+    assert (train.steps, train.lr, train.crop, train.max_skip) == (3, 1e-5, 384, 25)
 
 
 def test_recipe_writes_the_merged_params_and_never_builds_on_its_own_output(tmp_path: Path):
@@ -148,7 +161,7 @@ def _defaults(cls) -> dict:
 
 def test_no_default_in_code_differs_from_params_yaml():
     """params.yaml is the one home of every value: a dataclass default, where a field has one, is
-    the same value (pretrain and train share StageParams: where they differ it has none)."""
+    the same value (StageParams' defaults are `training`'s; each stage's own keys have none)."""
     from pipeline.download.stage import BUILTIN
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -175,5 +188,40 @@ def test_the_drift_check_sees_a_changed_default(monkeypatch):
 
 def test_a_key_without_a_default_must_be_given(tmp_path: Path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"steps": 3, "data": "v", "data_format": "davis"}}))
-    with pytest.raises(ParamsError, match=r"params.yaml: train: missing key\(s\) \['init', 'max_skip'\]"):
-        section(load_params(tmp_path / "params.yaml"), "train", StageParams)
+    with pytest.raises(ParamsError, match=r"params.yaml: train \(over training\): missing key\(s\) \['init', 'max_skip'\]"):
+        stage_section(load_params(tmp_path / "params.yaml"), "train")
+
+
+def test_a_stage_sets_shared_keys_for_itself_and_never_shares_its_own(tmp_path: Path):
+    params = load_params(REPO / "params.yaml")
+    params["train"] = {**params["train"], "lr": 1e-4}
+    pretrain, train = stage_section(params, "pretrain"), stage_section(params, "train")
+    assert (pretrain.lr, train.lr) == (params["training"]["lr"], 1e-4)
+    assert (pretrain.crop, train.crop) == (params["training"]["crop"],) * 2
+    params["training"] = {**params["training"], "steps": 5}
+    with pytest.raises(ParamsError, match=r"params.yaml: training: \['steps'\] belong to each stage"):
+        stage_section(params, "train")
+    params["training"] = {**params["training"], "step": 5}
+    with pytest.raises(ParamsError, match=r"params.yaml: training: unknown key\(s\) \['step'\]"):
+        stage_section(params, "train")
+
+
+@pytest.mark.parametrize("key, value", [("synthesize.object_scale", [0.6, 0.3]),
+                                        ("download.sources.builtin-videos.object_size", [0.5]),
+                                        ("download.sources.builtin-videos.scale_change", [0.0, 1.6]),
+                                        ("synthesize.frame_affine.zoom", [1.1, 0.9])])
+def test_a_range_that_is_not_min_max_is_an_error_naming_the_file_and_key(tmp_path: Path, key: str, value: list):
+    from pipeline.download.stage import read_params
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    *parents, leaf = key.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=rf"params.yaml: .*{leaf} must be \[min, max\]"):
+        if key.startswith("synthesize"):
+            section(load_params(tmp_path / "params.yaml"), "synthesize", SynthesizeParams)
+        else:
+            read_params(load_params(tmp_path / "params.yaml"), ["builtin-videos"])

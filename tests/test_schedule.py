@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.params import ParamsError
 from pipeline.train.schedule import Plateau, check_plateau, holdout, plateau_setup, split_holdout
@@ -49,14 +50,9 @@ def test_paper_recipe_pretrains_strmn_on_a_plateau_that_cannot_starve_it(tmp_pat
     assert settings(REPO / "params-paper.yaml", "pretrain", "stm").stage_params.lr_schedule == "constant"
 
     def with_pretrain(**values) -> Path:
-        text = (REPO / "params.yaml").read_text()
-        for key, value in values.items():
-            head, tail = text.split("\npretrain:", 1)
-            start = tail.index(f"\n  {key}:")
-            end = tail.index("#", start)
-            tail = f"{tail[:start]}\n  {key}: {value}  {tail[end:]}"
-            text = f"{head}\npretrain:{tail}"
-        (tmp_path / "params.yaml").write_text(text)
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["pretrain"].update(values)  # shared keys set for pretraining only
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         return tmp_path / "params.yaml"
 
     with pytest.raises(ParamsError, match=r"params.yaml: pretrain.*val_every >= 1"):

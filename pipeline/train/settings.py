@@ -1,5 +1,6 @@
-"""Training settings: the params sections `pretrain`/`train`, `strmn`, `ray` -> `TrainSettings`,
-and the Ray Train run name (a hash of everything that shapes the result)."""
+"""Training settings: the params sections `training` (what both stages share) with `pretrain` or
+`train` over it, `strmn`, `ray` -> `TrainSettings`, and the Ray Train run name (a hash of everything
+that shapes the result)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import storage
-from pipeline.params import ParamsError, load_params, section
+from pipeline.params import ParamsError, from_dict, load_params, section
 from pipeline.tracking import MlflowParams, project_root, workspace_root
 from stm_core.model.network import ModelConfig
 
@@ -21,13 +22,17 @@ log = logging.getLogger("pipeline.train")
 STAGES = ("pretrain", "main")
 RUN_ID_FILE = "mlflow_run_id"
 FAULT_ENV = "STM_TRAIN_FAULT"  # "STEP:MARKER": one worker exits once at STEP (tests of fault tolerance)
+SHARED_SECTION = "training"  # the keys both stages share, once
+STAGE_SECTIONS = {"pretrain": "pretrain", "main": "train"}  # --stage -> its params section, over `training`
+STAGE_KEYS = ("steps", "max_skip", "data", "data_format", "init")  # each stage's own: never shared
 
 
 @dataclass(kw_only=True)
 class StageParams:
-    """One training stage (params sections `pretrain` and `train`)."""
+    """One training stage: params section `training` with `pretrain` or `train` over it. The fields
+    without a default (STAGE_KEYS) are each stage's own; the others default to `training`'s values."""
 
-    steps: int = 120  # optimizer steps in the stage
+    steps: int  # optimizer steps in the stage
     batch_size: int = 4  # global batch (clips per step), split evenly across Ray workers
     lr: float = 5e-4  # Adam learning rate (the paper: 1e-5 from ImageNet weights on GPUs)
     lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"  # after warm-up: fixed, cosine to 10%, or x0.1 on plateaus
@@ -198,13 +203,35 @@ class TrainSettings:
 
 def shared_locations(s: TrainSettings) -> dict[str, str]:
     """What Ray workers on any node read or write: params key -> path or URI."""
-    section_name = "pretrain" if s.stage == "pretrain" else "train"
+    section_name = STAGE_SECTIONS[s.stage]
     return {f"{section_name}.data": s.data_location(), "ray.storage": s.storage()}
 
 
 def resolve(root: Path, path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else (root / p).resolve()
+
+
+def stage_section(params: dict[str, Any], name: str) -> StageParams:
+    """StageParams of section `name` (pretrain | train): `training`'s values with the section's over
+    them. A stage may set any shared key for itself; its own keys (STAGE_KEYS) are never shared."""
+    where = params.get("__file__", "params.yaml")
+    shared, own = params.get(SHARED_SECTION) or {}, params.get(name) or {}
+    for key, raw in ((SHARED_SECTION, shared), (name, own)):
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{where}: {key}: expected a mapping, got {raw!r}")
+    known = {f.name for f in dataclasses.fields(StageParams)}
+    for key, raw in ((SHARED_SECTION, shared), (name, own)):
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ParamsError(f"{where}: {key}: unknown key(s) {unknown}; known: {sorted(known)}")
+    misplaced = sorted(set(shared) & set(STAGE_KEYS))
+    if misplaced:
+        raise ParamsError(f"{where}: {SHARED_SECTION}: {misplaced} belong to each stage (set them under pretrain: "
+                          "and train:), not to the shared keys")
+    merged = dict(shared.items())  # items(), not **: a recording mapping (tests of dvc.yaml) sees these reads
+    merged.update(own.items())
+    return from_dict(StageParams, merged, f"{where}: {name} (over {SHARED_SECTION})")
 
 
 def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = None) -> TrainSettings:
@@ -221,11 +248,11 @@ def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = 
     if kind == "strmn":
         changes["norm"] = strmn.norm
     model = dataclasses.replace(model, **changes)
-    name = "pretrain" if stage == "pretrain" else "train"
+    name = STAGE_SECTIONS[stage]
     seed = params.get("seed", 0)
     if not isinstance(seed, int):
         raise ParamsError(f"{params_file}: seed: expected an integer, got {seed!r}")
-    stage_params = section(params, name, StageParams)
+    stage_params = stage_section(params, name)
     if kind == "strmn":
         from pipeline.train.per_rule import strmn_overrides
 

@@ -13,6 +13,14 @@ import numpy as np
 from PIL import Image
 
 
+def check_range(name: str, value: list[float], low: float = 0.0, allow_low: bool = False) -> None:
+    """A `[min, max]` setting: two numbers with low < min <= max (low <= min with `allow_low`)."""
+    ok = len(value) == 2 and (value[0] >= low if allow_low else value[0] > low) and value[0] <= value[1]
+    if not ok:
+        bound = ">=" if allow_low else ">"
+        raise ValueError(f"{name} must be [min, max] with min {bound} {low:g} and min <= max, got {value}")
+
+
 @dataclass
 class AffineRange:
     """Uniform ranges of one level of random affine (per clip, or per frame around the clip's)."""
@@ -25,8 +33,7 @@ class AffineRange:
     vflip: float = 0.0  # probability of a vertical flip
 
     def __post_init__(self) -> None:
-        if len(self.zoom) != 2 or not 0 < self.zoom[0] <= self.zoom[1]:
-            raise ValueError(f"zoom must be [min, max] with 0 < min <= max, got {self.zoom}")
+        check_range("zoom", self.zoom)
 
 
 @dataclass

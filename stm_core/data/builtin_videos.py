@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stm_core.data.augment import linear, translation, warp
+from stm_core.data.augment import check_range, linear, translation, warp
 from stm_core.data.builtin import PATCH, SHAPES, _write_json, background_texture, object_texture, shape_mask
 from stm_core.data.io import atomic_write_bytes, encode_image, index_mask_png
 
@@ -47,6 +47,9 @@ class BuiltinVideosConfig:
         if self.frames < 2 or self.height < 16 or self.width < 16:
             raise ValueError(f"builtin_videos: need frames >= 2 and a frame of at least 16x16, got "
                              f"{self.frames} frames of {self.width}x{self.height}")
+        check_range("object_size", self.object_size)
+        check_range("travel", self.travel, allow_low=True)
+        check_range("scale_change", self.scale_change)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from stm_core.data.augment import (
     ColorJitter,
     about_center,
     apply_jitter,
+    check_range,
     sample_affine,
     sample_jitter,
     translation,
@@ -79,6 +80,7 @@ class SynthConfig:
             raise ValueError(f"mode must be paste or affine, got {self.mode!r}")
         if self.split != "all" and not 0.0 < self.val_share < 1.0:
             raise ValueError(f"split {self.split!r} needs 0 < val_share < 1 (held-out share of images), got {self.val_share}")
+        check_range("object_scale", self.object_scale)
 
 
 @dataclass

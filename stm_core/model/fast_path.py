@@ -149,13 +149,15 @@ class WinogradConv2d(nn.Conv2d):
 
 
 def winograd_convs_(module: nn.Module) -> int:
-    """Swap every eligible conv (3x3, stride 1, no dilation or groups) for a WinogradConv2d, in place."""
+    """Swap every eligible conv (3x3, stride 1, no dilation or groups, numeric zero padding: what
+    NNPACK takes) for a WinogradConv2d, in place."""
     if not torch.backends.nnpack.is_available():
         return 0
     swapped = 0
     for conv in module.modules():
         if (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
+                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+                and not isinstance(conv.padding, str)):  # "same"/"valid" stay plain convs
             conv.__class__ = WinogradConv2d  # same parameters, only forward differs: no copy
             conv.weight.data = conv.weight.data.contiguous()
             swapped += 1

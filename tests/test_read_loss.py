@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 import yaml
+from training_configs import plain_loss
 
 from pipeline.params import ParamsError
 from pipeline.train import settings as train_cmd
 from pipeline.train.loop import Unroll
+from pipeline.train.settings import StrmnParams
 from stm_core.model.network import ModelConfig, STMNetwork
 from stm_core.model.read import label_shares, to_tokens
 from stm_core.training import read_loss, unroll_stm
@@ -101,9 +103,8 @@ def test_unroll_module_takes_the_weight_from_the_stage_settings(one_thread):
     torch.manual_seed(0)
     net = STMNetwork(ModelConfig(**TINY_MODEL))
     frames, masks, valid = torch.rand(1, 2, 3, 32, 32), halves()[:, None].repeat(1, 2, 1, 1), torch.ones(1, 1).bool()
-    base = {"loss": "ce", "bootstrap_top_p": 0.15}
-    plain = Unroll(net, base, {})(frames, masks, valid).loss
-    weighted = Unroll(net, {**base, "read_loss": 1.0}, {})(frames, masks, valid).loss
+    plain = Unroll(net, plain_loss(), StrmnParams())(frames, masks, valid).loss
+    weighted = Unroll(net, plain_loss(read_loss=1.0), StrmnParams())(frames, masks, valid).loss
     memory_key = to_tokens(net.encode_memory(frames[:, 0], masks[:, 0, None].float()).key)  # B x O x L x Ck
     expected = plain + read_loss(net.encode_query(frames[:, 1]).key, memory_key, masks[:, 1], masks[:, :1], valid)
     assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -111,7 +112,7 @@ def test_unroll_module_takes_the_weight_from_the_stage_settings(one_thread):
 
 def test_negative_read_loss_is_a_params_error(tmp_path):
     params = tmp_path / "params.yaml"
-    stage = {"data": "data/raw/builtin-videos", "data_format": "davis", "init": "none", "max_skip": 0}
+    stage = {"steps": 10, "data": "data/raw/builtin-videos", "data_format": "davis", "init": "none", "max_skip": 0}
     params.write_text(yaml.safe_dump({"train": {**stage, "read_loss": -0.1}}))
     with pytest.raises(ParamsError, match=r"params.yaml: train.*read_loss must be >= 0"):
         train_cmd.settings(params, "main", "stm")

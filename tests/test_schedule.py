@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
+from training_configs import loop_config, plain_loss, stage_params, video_data
 
 from pipeline.params import ParamsError
-from pipeline.train.schedule import Plateau, check_plateau, holdout, plateau_setup, split_holdout
-from pipeline.train.settings import settings
+from pipeline.train.loop_config import holdout
+from pipeline.train.schedule import Plateau, check_plateau, split_holdout
+from pipeline.train.settings import StrmnParams, settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +33,8 @@ def test_rate_drops_tenfold_each_time_the_error_does_not_decrease():
 
 
 def test_holdout_only_for_plateau_stages_and_never_everything():
-    assert holdout({"lr_schedule": "constant", "val_holdout": 3}) == 0
-    assert holdout({"lr_schedule": "plateau", "val_holdout": 3}) == 3
+    assert holdout(stage_params(lr_schedule="constant", val_holdout=3)) == 0
+    assert holdout(stage_params(lr_schedule="plateau", val_holdout=3)) == 3
     assert split_holdout(list("abcde"), 2) == (list("abc"), list("de"))
     with pytest.raises(ValueError, match="leaves no training video"):
         split_holdout(list("ab"), 2)
@@ -68,23 +71,23 @@ def test_paper_recipe_pretrains_strmn_on_a_plateau_that_cannot_starve_it(tmp_pat
 def test_validation_runs_on_held_out_clips_and_is_kept_for_checkpoints(tmp_path: Path):
     import torch
 
-    from pipeline.train.loop import Unroll
+    from pipeline.train.loop import Unroll, plateau_setup
     from stm_core.data.builtin_videos import BuiltinVideosConfig, write_builtin_videos
     from stm_core.model.network import ModelConfig, STMNetwork
 
     root = tmp_path / "videos"
     write_builtin_videos(root, BuiltinVideosConfig(height=48, width=48, frames=6, train_sequences=3, val_sequences=0), 0)
-    train = {"lr_schedule": "plateau", "val_holdout": 1, "val_clips": 2, "plateau_factor": 0.1, "plateau_patience": 0,
-             "crop": 48, "max_objects": 2, "loss": "ce", "bootstrap_top_p": 0.15}
-    config = {"train": train, "frames": 3, "seed": 0, "per_worker_batch": 2,
-              "data": {"kind": "videos", "path": str(root), "format": "davis", "split": "train"}}
+    train = plain_loss(lr_schedule="plateau", val_holdout=1, val_clips=2, plateau_factor=0.1, plateau_patience=0,
+                       plateau_min_scale=0.0, crop=48, max_objects=2)
+    config = loop_config(train=train, frames=3, seed=0, per_worker_batch=2, data=video_data(str(root)))
     totals: dict = {}
     plateau, batches = plateau_setup(config, torch.device("cpu"), totals)
     assert plateau is not None and len(batches) == 1 and batches[0][0].shape[:2] == (2, 3)
     torch.manual_seed(0)
-    unroll = Unroll(STMNetwork(ModelConfig(decoder_dim=16, norm="frozen_bn")), train, {})
+    unroll = Unroll(STMNetwork(ModelConfig(decoder_dim=16, norm="frozen_bn")), train, StrmnParams())
     first = check_plateau(plateau, unroll, batches, totals)
     again = check_plateau(plateau, unroll, batches, totals)
     assert first == pytest.approx(again)  # fixed clips, same weights: no decrease, so one drop
     assert totals["plateau"]["scale"] == pytest.approx(0.1) and unroll.training
-    assert plateau_setup({**config, "train": {**train, "lr_schedule": "constant"}}, torch.device("cpu"), {}) == (None, [])
+    constant = dataclasses.replace(config, train=dataclasses.replace(train, lr_schedule="constant"))
+    assert plateau_setup(constant, torch.device("cpu"), {}) == (None, [])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from test_train import TINY_MODEL, make_project, write_params
+from training_configs import loop_config, stage_params
 
 from pipeline.runguard import RunLock, RunLocked
 from pipeline.train.checkpoints import rng_state, write_state
@@ -35,7 +36,7 @@ def test_training_state_loads_weights_only(tmp_path):
     rngs = [rng_state(np.random.default_rng([0, r])) for r in range(2)]
     totals = {"clips": 8, "seconds": 1.5, "loss": 0.5, "restarts": 0, "resumed_from": 0, "curve": [[1, 0.7], [2, 0.5]],
               "plateau": {"best": float("inf"), "bad": 0, "scale": 1.0}}
-    config = {"stage": "pretrain", "per_worker_batch": 2, "train": {"num_to_keep": 2}}
+    config = loop_config(stage="pretrain", per_worker_batch=2, train=stage_params(num_to_keep=2))
     write_state(str(tmp_path), network, optimizer, scaler, 2, rngs, totals, config, 2)
     state = torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 2 and state["totals"]["curve"] == [[1, 0.7], [2, 0.5]]

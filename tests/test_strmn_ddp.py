@@ -18,7 +18,6 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"backbone": "resnet18", "pretrained": "none", "decoder_dim": 16, "fusion_dim": 8, "kind": "strmn",
         "norm": "group"}
-TP = {"loss": "ce", "bootstrap_top_p": 0.15, "grad_clip": 0.0}
 
 
 def batch(n_clips: int = 4, frames: int = 6, size: int = 32):
@@ -40,13 +39,17 @@ def batch(n_clips: int = 4, frames: int = 6, size: int = 32):
 
 def gradients_per_update(update: str, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
     """Run one train step of a clip batch (this rank's share of it) -> the gradients at each update."""
+    from training_configs import plain_loss
+
+    from pipeline.train.settings import StrmnParams
     from pipeline.train.step import Unroll, make_train_step
     from stm_core.model.network import ModelConfig, STMNetwork
 
     torch.manual_seed(0)
     net = STMNetwork(ModelConfig(**TINY))
-    strmn = {"rule": "C", "slots": 3, "segment_length": 2, "update": update}
-    model = Unroll(net, TP, strmn)
+    tp = plain_loss(grad_clip=0.0)
+    strmn = StrmnParams(rule="C", slots=3, segment_length=2, update=update)
+    model = Unroll(net, tp, strmn)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)  # parameters stay put: every update is comparable
@@ -62,7 +65,7 @@ def gradients_per_update(update: str, rank: int, world: int) -> list[dict[str, t
     share = frames.shape[0] // world
     rows = slice(rank * share, (rank + 1) * share)
     train_step = make_train_step(model, net, optimizer, torch.amp.GradScaler("cpu", enabled=False), nullcontext(),
-                                 TP, strmn)
+                                 tp, strmn)
     train_step(frames[rows], masks[rows], valid[rows])
     return seen
 

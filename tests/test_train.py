@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from training_configs import loop_config, plain_loss, stage_params, video_data
 
 from pipeline.params import ParamsError
 from pipeline.train import settings as train_cmd
 from pipeline.train.data import collate, prepare
+from pipeline.train.settings import StrmnParams
 from pipeline.train.step import Unroll, lr_at
 from stm_core.model.network import ModelConfig, STMNetwork
 
@@ -56,11 +59,11 @@ def test_prepare_crops_one_window_and_keeps_frame0_objects():
 
 
 def test_lr_schedule():
-    train = {"lr": 1e-3, "warmup_steps": 4, "steps": 20, "lr_schedule": "cosine"}
+    train = stage_params(lr=1e-3, warmup_steps=4, steps=20, lr_schedule="cosine")
     assert lr_at(0, train) == pytest.approx(2.5e-4)
     assert lr_at(3, train) == pytest.approx(1e-3)
     assert lr_at(19, train) < 2e-4 and lr_at(19, train) >= 1e-4 - 1e-12
-    assert lr_at(10, {**train, "lr_schedule": "constant"}) == 1e-3
+    assert lr_at(10, dataclasses.replace(train, lr_schedule="constant")) == 1e-3
 
 
 def test_loss_goes_down_in_process(one_thread):
@@ -69,7 +72,7 @@ def test_loss_goes_down_in_process(one_thread):
     rng = np.random.default_rng(0)
     clips = [moving_square_clip(rng) for _ in range(4)]
     frames, masks, valid = collate(clips)
-    model = Unroll(STMNetwork(ModelConfig(**TINY_MODEL)), {"loss": "ce", "bootstrap_top_p": 0.15}, {})
+    model = Unroll(STMNetwork(ModelConfig(**TINY_MODEL)), plain_loss(), StrmnParams())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(20):
@@ -87,7 +90,7 @@ def test_strmn_unroll_module_trains(one_thread):
     rng = np.random.default_rng(0)
     frames, masks, valid = collate([moving_square_clip(rng, n=6) for _ in range(2)])
     net = STMNetwork(ModelConfig(**{**TINY_MODEL, "kind": "strmn", "norm": "group"}))
-    model = Unroll(net, {"loss": "ce", "bootstrap_top_p": 0.15}, {"rule": "C", "slots": 3, "segment_length": 3})
+    model = Unroll(net, plain_loss(), StrmnParams(rule="C", slots=3, segment_length=3))
     out = model(frames, masks, valid)  # the 3 slots fill in segment 1; segment 2 fuses with gradient
     out.loss.backward()
     assert out.logits.shape[:2] == (2, 5)
@@ -354,8 +357,8 @@ def test_strmn_update_per_clip_or_per_segment(one_thread, update, steps):
     rng = np.random.default_rng(0)
     frames, masks, valid = collate([moving_square_clip(rng, n=6) for _ in range(2)])
     net = STMNetwork(ModelConfig(**{**TINY_MODEL, "kind": "strmn", "norm": "group"}))
-    strmn = {"rule": "C", "slots": 3, "segment_length": 3, "update": update}
-    tp = {"loss": "ce", "bootstrap_top_p": 0.15, "grad_clip": 1.0}
+    strmn = StrmnParams(rule="C", slots=3, segment_length=3, update=update)
+    tp = plain_loss(grad_clip=1.0)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     calls = []
     original = optimizer.step
@@ -424,7 +427,7 @@ def test_resumed_ranks_skip_the_same_number_of_video_batches(monkeypatch):
 
     # Rows are not step-aligned across ranks: rank 0 sees an early row late, rank 1 a late row early.
     layouts = {0: [0, 1, 2, 0, 3, 4, 5, 6], 1: [0, 4, 1, 2, 3, 5, 6, 6]}
-    config = {"data": {"kind": "videos", "path": "videos", "shuffle_buffer": 0}, "per_worker_batch": 1, "seed": 0}
+    config = loop_config(data=video_data("videos"), per_worker_batch=1, seed=0)
     pulled = {}
     for rank, steps in layouts.items():
         shard = _Shard(steps)
@@ -448,7 +451,7 @@ def test_in_process_training_uses_the_machines_cpus_and_ranks_their_share(tmp_pa
     for workers, num_cpus in ((0, None), (0, 2), (2, None)):
         path = write_params(tmp_path, ray={"num_workers": workers, "num_cpus": num_cpus, "cpus_per_worker": 1})
         s = train_cmd.settings(path, "main", "stm")
-        threads[workers, num_cpus] = driver.loop_config(s, max(1, workers), None, "data")["threads"]
+        threads[workers, num_cpus] = driver.loop_config(s, max(1, workers), None, "data").threads
     assert threads == {(0, None): 4, (0, 2): 2, (2, None): 1}
 
 

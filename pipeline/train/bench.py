@@ -22,8 +22,11 @@ from contextlib import nullcontext
 
 import torch
 
-from pipeline.train.loop import Unroll, precision
-from stm_core.model.network import ModelConfig, STMNetwork
+from pipeline.train.data import DataSpec
+from pipeline.train.loop import Unroll, build_network, precision
+from pipeline.train.loop_config import InputPool, LoopConfig
+from pipeline.train.settings import RayParams, StageParams, StrmnParams
+from stm_core.model.network import ModelConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,18 +50,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    config = bench_config(args)
     torch.manual_seed(0)
-    net = STMNetwork(ModelConfig(kind=args.kind, backbone=args.backbone, norm=args.norm, decoder_dim=args.decoder_dim))
+    net = build_network(config)
     channels_last = True  # as `stm train` (pipeline.train.loop), on CPU too
     net = net.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model = Unroll(net, {"loss": "ce", "bootstrap_top_p": 0.15}, {"rule": "C", "slots": 3, "segment_length": 4})
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-5)
-    dtype, use_scaler = precision({"train": {"precision": args.precision}}, device)
+    model = Unroll(net, config.train, config.strmn)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.train.lr)
+    dtype, use_scaler = precision(config.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     b, n, s, o = args.batch, args.frames, args.crop, args.objects
     random_batch = (torch.rand(b, n, 3, s, s, device=device), torch.randint(0, o + 1, (b, n, s, s), device=device),
                     torch.ones(b, o, dtype=torch.bool, device=device))
-    batches = real_batches(args, b, s, o) if args.data else None
+    batches = real_batches(config, args.warmup + args.steps) if args.data else None
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     waited = [0.0]
 
@@ -102,19 +106,34 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def real_batches(args, batch: int, crop: int, max_objects: int):
+def bench_config(args: argparse.Namespace) -> LoopConfig:
+    """The loop's settings for the timed steps: the network and clips the flags ask for, the plain
+    loss (no read loss), Adam at 1e-5, STRMN's unroll at rule C, 3 slots, 4-frame segments."""
+    train = StageParams(steps=args.warmup + args.steps, batch_size=args.batch, lr=1e-5, loss="ce",
+                        bootstrap_top_p=0.15, read_loss=0.0, frames=args.frames, crop=args.crop,
+                        max_objects=args.objects, max_skip=0, data=args.data, data_format="parquet", init="none",
+                        shuffle_buffer=0, precision=args.precision)
+    model = ModelConfig(kind=args.kind, backbone=args.backbone, norm=args.norm, decoder_dim=args.decoder_dim)
+    data = DataSpec(kind="parquet", path=args.data, format="parquet", split="train", shuffle_buffer=0,
+                    short_videos="drop", cache_mb=0.0)
+    return LoopConfig(stage="pretrain", model=model, init=None, train=train,
+                      strmn=StrmnParams(rule="C", slots=3, segment_length=4), seed=0, frames=args.frames,
+                      per_worker_batch=args.batch, data=data, threads=args.threads, pool=InputPool.of(RayParams()),
+                      prefetch_batches=args.prefetch)
+
+
+def real_batches(config: LoopConfig, steps: int):
     """Endless training batches from Parquet clip shards through the stage's own Ray Data input."""
     from pipeline.cluster import init_ray
     from pipeline.train.input import build_dataset
     from pipeline.train.loop import to_training
 
     init_ray()
-    config = {"data": {"kind": "parquet", "path": args.data}, "seed": 0, "frames": args.frames,
-              "train": {"crop": crop, "max_objects": max_objects}}
-    steps = args.warmup + args.steps
+    batch = config.per_worker_batch
     ds = build_dataset(config, steps, batch, materialize=False)
     while True:
-        for columns in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=args.prefetch):
+        for columns in ds.iter_torch_batches(batch_size=batch, drop_last=True,
+                                             prefetch_batches=config.prefetch_batches):
             yield to_training(columns)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.train.data import clips_per_second
+from pipeline.train.loop_config import LoopConfig
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -71,13 +72,13 @@ def resume_step(storage_location: str, run: str) -> int:
     return step_of(name) or 0
 
 
-def report_checkpoint(metrics: dict, network, optimizer, scaler, step: int, rngs: list, totals: dict, config: dict,
-                      world: int) -> None:
+def report_checkpoint(metrics: dict, network, optimizer, scaler, step: int, rngs: list, totals: dict,
+                      config: LoopConfig, world: int) -> None:
     """Rank 0: write the state to a fresh folder and report it. Ray copies it into the run's storage
     (then the local copy goes); in-process runs (num_workers 0) keep it in `local_checkpoints`."""
     import ray.train
 
-    local = config.get("local_checkpoints")
+    local = config.local_checkpoints
     name = f"checkpoint_{step:06d}_r{totals['restarts']}"
     if local:
         folder = Path(local) / name
@@ -88,7 +89,7 @@ def report_checkpoint(metrics: dict, network, optimizer, scaler, step: int, rngs
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name,
                      delete_local_checkpoint_after_upload=not local)
     if local:  # Ray Train keeps num_to_keep in its storage; here we do
-        for old in complete_checkpoints(local)[: -max(1, config["train"]["num_to_keep"])]:
+        for old in complete_checkpoints(local)[: -max(1, config.train.num_to_keep)]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -107,16 +108,16 @@ def latest_local_checkpoint(local: str | None):
 
 
 def write_state(folder: str, network, optimizer, scaler, step: int, rngs: list, totals: dict,
-                config: dict, world: int) -> None:
+                config: LoopConfig, world: int) -> None:
     state = {"model": {k: v.detach().cpu() for k, v in network.state_dict().items()},
              "model_config": network.config.to_dict(), "kind": network.config.kind,
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": rngs,
              "totals": totals}
     torch.save(state, Path(folder) / STATE_FILE)
-    summary = {"stage": config["stage"], "model": network.config.kind, "steps": step, "final_loss": totals["loss"],
+    summary = {"stage": config.stage, "model": network.config.kind, "steps": step, "final_loss": totals["loss"],
                "clips": totals["clips"], "train_seconds": round(totals["seconds"], 3),
                "clips_per_s": clips_per_second(totals["clips"], totals["seconds"]),
                "restarts": totals["restarts"], "resumed_from": totals["resumed_from"],
-               "global_batch": config["per_worker_batch"] * world, "workers": world,
+               "global_batch": config.per_worker_batch * world, "workers": world,
                "curve": totals.get("curve", [])}
     (Path(folder) / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")

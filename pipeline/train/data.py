@@ -2,7 +2,8 @@
 
 The clip makers are stm_core's (`stm_core.data.clips` decodes the rows of `stm synthesize`,
 `stm_core.data.sampler` samples video clips with the skip curriculum); `pipeline.train.input` runs
-them in Ray Data. This module crops synthetic clips, batches clips and draws overlays (numpy/torch).
+them in Ray Data. This module crops synthetic clips, batches clips and draws overlays (numpy/torch),
+and names a stage's data (`DataSpec`) and opens its videos.
 
 A clip is `frames: N x H x W x 3 uint8` plus `masks: N x H x W uint8` whose ids are 1..K for the
 objects visible in frame 0 (the memory frame) and 0 elsewhere; objects that only appear later are
@@ -13,12 +14,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 Clip = tuple[np.ndarray, np.ndarray]  # frames N x H x W x 3 uint8, masks N x H x W uint8
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A stage's training data: where every worker reads it and how (the driver's `loop_config`).
+    Defined here, not beside `LoopConfig`: `pipeline.train.schedule`, which the settings import,
+    opens videos with it, and `pipeline.train.loop_config` imports the settings."""
+
+    kind: Literal["parquet", "videos"]  # synthetic clip shards (rows decoded) or a video set (clips sampled)
+    path: str  # a local folder or a URI every worker reaches
+    format: Literal["parquet", "davis", "youtube-vos"]  # the layout at `path`
+    split: str  # video split (DAVIS ImageSets name / YouTube-VOS folder)
+    shuffle_buffer: int  # Parquet rows in each worker's local shuffle buffer (0: no shuffle)
+    short_videos: Literal["drop", "repeat"]  # videos shorter than a clip: skipped or repeated (strmn.short_videos)
+    cache_mb: float  # node-local cache of store files per reading process (storage.cache_mb)
 
 
 def relabel(masks: np.ndarray, max_objects: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -76,27 +93,22 @@ def clips_per_second(clips: int, seconds: float) -> float:
     return clips / seconds if seconds > 0 and math.isfinite(seconds) else 0.0
 
 
-def open_videos(data: dict) -> list:
+def open_videos(data: DataSpec) -> list:
     """The training videos named by the stage's data settings (DAVIS or YouTube-VOS layout). At a
     URI: indexed from one listing and read from the store frame by frame (no copy of the set)."""
     from pipeline.storage import is_uri
     from stm_core.data.video import read_davis, read_youtube_vos
 
-    if is_uri(data["path"]):
+    if is_uri(data.path):
         from pipeline.remote_data import read_davis_at, read_youtube_vos_at
 
-        cache = float(data.get("cache_mb") or 0.0)
-        if data["format"] == "youtube-vos":
-            return read_youtube_vos_at(data["path"], data["split"], cache)
-        return read_davis_at(data["path"], data["split"], cache)
-    if data["format"] == "youtube-vos":
-        return read_youtube_vos(data["path"], data["split"])
-    return read_davis(data["path"], data["split"])
-
-
-def holdout(train: dict) -> int:
-    """Videos held out of training: only a plateau stage validates (and so holds any out)."""
-    return int(train.get("val_holdout", 0)) if train.get("lr_schedule") == "plateau" else 0
+        cache = float(data.cache_mb or 0.0)
+        if data.format == "youtube-vos":
+            return read_youtube_vos_at(data.path, data.split, cache)
+        return read_davis_at(data.path, data.split, cache)
+    if data.format == "youtube-vos":
+        return read_youtube_vos(data.path, data.split)
+    return read_davis(data.path, data.split)
 
 
 def split_holdout(videos: Sequence, holdout: int) -> tuple[list, list]:

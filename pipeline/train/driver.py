@@ -8,16 +8,18 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline import storage, tracking
 from pipeline.runguard import RunLock, Stopped, call_interruptibly
 from pipeline.train import registry
+from pipeline.train.data import DataSpec
 from pipeline.train.input import DatasetFactory
 from pipeline.train.local_shard import LocalShard
 from pipeline.train.loop import METRICS_FILE, STATE_FILE, train_loop
+from pipeline.train.loop_config import Fault, InputPool, LoopConfig, Resume, holdout
 from pipeline.train.settings import (
     RUN_ID_FILE,
     TrainSettings,
@@ -29,6 +31,9 @@ from pipeline.train.settings import (
 from stm_core.data.io import atomic_write_bytes
 from stm_core.model.checkpoint import load_checkpoint, save_checkpoint
 from stm_core.model.network import ModelConfig, STMNetwork
+
+if TYPE_CHECKING:
+    import ray
 
 log = logging.getLogger("pipeline.train")
 
@@ -75,20 +80,21 @@ def in_process_threads(num_cpus: int | None) -> int:
     return max(1, min(available, int(num_cpus)) if num_cpus else available)
 
 
-def loop_config(s: TrainSettings, world: int, init_payload, data_path: str) -> dict:
+def loop_config(s: TrainSettings, world: int, init_payload: dict | ray.ObjectRef[dict] | None,
+                data_path: str) -> LoopConfig:
+    """The worker loop's settings for `world` ranks; the run's MLflow ids, fault, driver node,
+    checkpoint folder and resume location are filled in by `train` once known."""
     sp = s.stage_params
     per_worker = max(1, s.batch_size // world)
-    data = {"kind": "parquet" if sp.data_format == "parquet" else "videos", "path": data_path,
-            "format": sp.data_format, "split": sp.split, "shuffle_buffer": sp.shuffle_buffer,
-            "short_videos": s.strmn.short_videos}  # videos shorter than a clip: drop | repeat
+    data = DataSpec(kind="parquet" if sp.data_format == "parquet" else "videos", path=data_path,
+                    format=sp.data_format, split=sp.split, shuffle_buffer=sp.shuffle_buffer,
+                    short_videos=s.strmn.short_videos, cache_mb=s.cache_mb)
     # One torch thread per reserved CPU: more threads than cores makes OpenMP spin and crawl.
     # In-process (num_workers 0) the driver's own process trains: it gets this machine's CPUs.
     threads = max(1, int(s.ray.cpus_per_worker)) if s.ray.num_workers > 0 else in_process_threads(s.ray.num_cpus)
-    return {"stage": s.stage, "model": s.model.to_dict(), "init": init_payload, "train": dataclasses.asdict(sp),
-            "strmn": dataclasses.asdict(s.strmn), "seed": s.seed, "frames": s.frames, "per_worker_batch": per_worker,
-            "data": {**data, "cache_mb": s.cache_mb}, "threads": threads, "mlflow": {"uri": "", "run_id": ""},
-            "fault": None, "pool": {"min": s.ray.data_min_actors, "max": s.ray.data_max_actors,
-                                    "materialize_max_mb": s.ray.materialize_max_mb}}
+    return LoopConfig(stage=s.stage, model=s.model, init=init_payload, train=sp, strmn=s.strmn, seed=s.seed,
+                      frames=s.frames, per_worker_batch=per_worker, data=data, threads=threads,
+                      pool=InputPool.of(s.ray))
 
 
 def init_payload(path: Path | None, kind: str) -> dict | None:
@@ -233,26 +239,25 @@ def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: 
         if weights is not None and rp.num_workers > 0:
             payload = ray.put(weights)  # workers on other nodes get it from the object store
         config = loop_config(s, world, payload, data_location)
-        config["mlflow"] = {"uri": uri, "run_id": run_id}
+        config.mlflow_uri, config.mlflow_run_id = uri, run_id
         counts = {}
-        if config["data"]["kind"] == "videos":
-            from pipeline.train.schedule import holdout, video_counts
+        if config.data.kind == "videos":
+            from pipeline.train.schedule import video_counts
 
-            counts = video_counts(config["data"], s.frames, holdout(config["train"]), s.strmn.short_videos)
+            counts = video_counts(config.data, s.frames, holdout(config.train), s.strmn.short_videos)
             log.info("[train] %d training videos, %d shorter than %d annotated frames (%s: %d never seen)",
                      counts["videos"], counts["short_videos"], s.frames, s.strmn.short_videos,
                      counts["dropped_videos"])
-        config["driver_node"] = None if local else ray.get_runtime_context().get_node_id()
+        config.driver_node = None if local else ray.get_runtime_context().get_node_id()
         if rp.num_workers == 0:  # in-process: Ray Train does not persist checkpoints, keep them here
-            config["local_checkpoints"] = None if storage.is_uri(location) else str(Path(location) / name / "local")
+            config.local_checkpoints = None if storage.is_uri(location) else str(Path(location) / name / "local")
         if fault:
-            step, marker = fault.split(":", 1)
-            config["fault"] = {"step": int(step), "marker": marker}
+            config.fault = Fault.parse(fault)
         # Ray Data streams from the store, its pools sized by ray.data_*; a resumed run's input starts
         # at its step (the factory runs as each worker group starts). materialize: null computes only
         # small inputs first (a 2-CPU machine whose training workers take every CPU needs that).
         if not local:
-            config["resume"] = {"storage_location": location, "run": name}
+            config.resume = Resume(storage_location=location, run=name)
         train_input: object  # a Ray Data Dataset or its factory; in process, a LocalShard in its place
         if local:
             train_input = LocalShard(config, sp.steps, per_worker * world)
@@ -262,7 +267,7 @@ def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: 
         datasets: dict[str, Any] = {"train": train_input}  # Any: a LocalShard is used as a Dataset, not one
         resources = {"CPU": rp.cpus_per_worker, **({"GPU": rp.gpus_per_worker} if rp.use_gpu else {})}
         trainer = TorchTrainer(
-            train_loop, train_loop_config=config, datasets=datasets,
+            train_loop, train_loop_config=config.for_ray(), datasets=datasets,
             scaling_config=ScalingConfig(num_workers=rp.num_workers, use_gpu=rp.use_gpu,
                                          resources_per_worker=resources if rp.num_workers > 0 else None,
                                          placement_strategy=rp.placement_strategy),

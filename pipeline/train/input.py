@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipeline.train.data import VIDEO_STREAM, DecodeSynthetic, decode_synthetic, stack  # noqa: F401
+from pipeline.train.data import VIDEO_STREAM, DataSpec, DecodeSynthetic, decode_synthetic, stack  # noqa: F401
+from pipeline.train.loop_config import LoopConfig, holdout
 from pipeline.train.shards import parquet_files, read_parquet  # noqa: F401
 
 DECODE_BATCH = 16  # Parquet rows per decode call
@@ -51,7 +52,7 @@ class SampleVideoClips:
     The video index is built once per actor; a URI's frames are read from the store as needed.
     `offset`: the first clip number of the dataset (a resumed run's start)."""
 
-    def __init__(self, data: dict, n_frames: int, crop: int, max_objects: int, seed: int, total_steps: int,
+    def __init__(self, data: DataSpec, n_frames: int, crop: int, max_objects: int, seed: int, total_steps: int,
                  global_batch: int, max_skip: int, skip_ramp: float, holdout: int = 0, offset: int = 0):
         from pipeline.train.data import open_videos, split_holdout
         from stm_core.data.sampler import VideoClipSampler, VideoSamplerConfig
@@ -59,7 +60,7 @@ class SampleVideoClips:
         videos, _ = split_holdout(open_videos(data), holdout)  # held out: the plateau schedule's validation
         self.sampler = VideoClipSampler(videos, VideoSamplerConfig(
             n_frames=n_frames, height=crop, width=crop, max_objects=max_objects,
-            short_videos=data.get("short_videos", "drop")))  # strmn.short_videos (the driver's loop_config)
+            short_videos=data.short_videos))  # strmn.short_videos (the driver's loop_config)
         self.seed, self.total, self.batch = seed, total_steps, global_batch
         self.max_skip, self.ramp, self.offset = max_skip, skip_ramp, offset
 
@@ -84,36 +85,34 @@ def should_materialize(materialize: bool | None, rows: int, frames: int, crop: i
     return rows * frames * crop * crop * 4 <= limit_mb * 2**20  # 3 colour bytes + 1 mask byte per pixel
 
 
-def build_dataset(config: dict, total_steps: int, global_batch: int, materialize: bool | None, cpus: float = 1.0,
-                  start: int = 0):
+def build_dataset(config: LoopConfig, total_steps: int, global_batch: int, materialize: bool | None,
+                  cpus: float = 1.0, start: int = 0):
     """The stage's training Dataset, lazy (streamed) unless materialised (computed into the object
     store before training: the 2-CPU Ray Data + Train deadlock workaround for small inputs).
     Videos start at step `start` (clip start x global_batch)."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from pipeline.train.data import holdout
-
     ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars in DVC logs
-    data, tp, pool = config["data"], config["train"], config.get("pool") or {}
-    low, high = max(1, int(pool.get("min", 1))), max(1, int(pool.get("max", 4)))
-    limit = float(pool.get("materialize_max_mb", 1024))
-    if data["kind"] == "parquet":
-        ds = read_parquet(data["path"], data.get("files")).map_batches(
-            decode_synthetic, fn_kwargs={"crop": tp["crop"], "max_objects": tp["max_objects"], "seed": config["seed"]},
+    data, tp, pool = config.data, config.train, config.pool
+    low, high = max(1, int(pool.min_actors)), max(1, int(pool.max_actors))
+    limit = float(pool.materialize_max_mb)
+    if data.kind == "parquet":
+        ds = read_parquet(data.path).map_batches(
+            decode_synthetic, fn_kwargs={"crop": tp.crop, "max_objects": tp.max_objects, "seed": config.seed},
             batch_format="numpy", batch_size=DECODE_BATCH, compute=TaskPoolStrategy(size=high), num_cpus=cpus)
-        rows = sum(int(f.get("rows", 0)) for f in data.get("files") or []) or ds.count()  # count: Parquet metadata
+        rows = ds.count()  # from the Parquet metadata
     else:
         offset = start * global_batch
         rows = video_rows(total_steps, global_batch) - offset
         ds = ray.data.range(rows, override_num_blocks=max(1, min(64, rows // max(1, global_batch)))).map_batches(
             SampleVideoClips, fn_constructor_kwargs={
-                "data": data, "n_frames": config["frames"], "crop": tp["crop"], "max_objects": tp["max_objects"],
-                "seed": config["seed"], "total_steps": total_steps, "global_batch": global_batch,
-                "max_skip": tp["max_skip"], "skip_ramp": tp["skip_ramp"], "holdout": holdout(tp), "offset": offset},
+                "data": data, "n_frames": config.frames, "crop": tp.crop, "max_objects": tp.max_objects,
+                "seed": config.seed, "total_steps": total_steps, "global_batch": global_batch,
+                "max_skip": tp.max_skip, "skip_ramp": tp.skip_ramp, "holdout": holdout(tp), "offset": offset},
             batch_format="numpy", batch_size=global_batch, compute=ActorPoolStrategy(min_size=low, max_size=max(low, high)),
             num_cpus=cpus)
-    return ds.materialize() if should_materialize(materialize, rows, config["frames"], tp["crop"], limit) else ds
+    return ds.materialize() if should_materialize(materialize, rows, config.frames, tp.crop, limit) else ds
 
 
 class DatasetFactory:
@@ -121,32 +120,40 @@ class DatasetFactory:
     Dataset from the step the run resumes at (`resume_step` of its checkpoints), so a resumed run
     makes no clip of the steps it already trained."""
 
-    def __init__(self, config: dict, total_steps: int, global_batch: int, materialize: bool | None, cpus: float = 1.0):
-        self.args = (config, total_steps, global_batch, materialize, cpus)
+    def __init__(self, config: LoopConfig, total_steps: int, global_batch: int, materialize: bool | None,
+                 cpus: float = 1.0):
+        self.config, self.total_steps, self.global_batch = config, total_steps, global_batch
+        self.materialize, self.cpus = materialize, cpus
 
     def start_step(self) -> int:
         from pipeline.train.checkpoints import resume_step
 
-        config = self.args[0]
-        start = resume_step(**config["resume"]) if config.get("resume") and config["data"]["kind"] == "videos" else 0
+        resume = self.config.resume
+        start = resume_step(resume.storage_location, resume.run) \
+            if resume is not None and self.config.data.kind == "videos" else 0
         if start:
-            print(f"[train] input starts at step {start} (clip {start * self.args[2]})", flush=True)
+            print(f"[train] input starts at step {start} (clip {start * self.global_batch})", flush=True)
         return start
 
+    def dataset(self, start: int):
+        return build_dataset(self.config, self.total_steps, self.global_batch, self.materialize, self.cpus,
+                             start=start)
+
     def __call__(self):
-        return build_dataset(*self.args, start=self.start_step())
+        return self.dataset(self.start_step())
 
     def materialized_now(self):
         """The input computed into the object store now, in the driver, when it is to be materialised;
         else None (Ray Train calls the factory per worker group). Ray Train calls its factory once the
         worker group holds its CPUs, and on a machine whose training workers take every CPU Ray Data
-        would then wait for ever. Records the step the input starts at in the loop's config, so a
-        worker group restarted later drops the batches of the steps it already trained."""
+        would then wait for ever. Records the step the input starts at in the loop's config (the
+        object the trainer ships to its workers), so a worker group restarted later drops the
+        batches of the steps it already trained."""
         from ray.data.dataset import MaterializedDataset
 
         start = self.start_step()
-        ds = build_dataset(*self.args, start=start)
+        ds = self.dataset(start)
         if not isinstance(ds, MaterializedDataset):
             return None
-        self.args[0]["input_first_step"] = start
+        self.config.input_first_step = start
         return ds

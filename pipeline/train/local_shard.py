@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.train.loop_config import LoopConfig, holdout
 from pipeline.train.shards import ROW_GROUP_CACHE, parquet_files, store_objects  # noqa: F401
 
 if TYPE_CHECKING:  # pipeline.train.input imports Ray: only when the videos need it
@@ -27,7 +28,7 @@ class LocalShard:
     buffer, taken to the whole set); rows are decoded as batches need them, from a few raw row
     groups held in memory (each clip's crop and flip depend on its id only: every epoch the same)."""
 
-    def __init__(self, config: dict, total_steps: int, global_batch: int):
+    def __init__(self, config: LoopConfig, total_steps: int, global_batch: int):
         self.config, self.total, self.batch = config, total_steps, global_batch
         self._index: list[tuple[int, int, int]] | None = None  # row -> (file, row group, row in group)
         self._files: list = []
@@ -45,9 +46,9 @@ class LocalShard:
 
         from pipeline.train.input import SampleVideoClips, video_rows
 
-        data, tp = self.config["data"], self.config["train"]
+        data, tp = self.config.data, self.config.train
         make: Callable[[np.ndarray], dict[str, np.ndarray]]  # clip numbers or row ids -> columns
-        if data["kind"] == "parquet":
+        if data.kind == "parquet":
             n = len(self._row_index())
             order = (np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_buffer_size
                      else np.arange(n))
@@ -55,11 +56,9 @@ class LocalShard:
             make = self._decode_rows
         else:
             if self._sampler is None:
-                from pipeline.train.schedule import holdout
-
                 self._sampler = SampleVideoClips(
-                    data, self.config["frames"], tp["crop"], tp["max_objects"], self.config["seed"], self.total,
-                    self.batch, tp["max_skip"], tp["skip_ramp"], holdout(tp))
+                    data, self.config.frames, tp.crop, tp.max_objects, self.config.seed, self.total,
+                    self.batch, tp.max_skip, tp.skip_ramp, holdout(tp))
             sampler = self._sampler
             rows = video_rows(self.total, self.batch)
             first = min(rows, self._start * self.batch)
@@ -82,7 +81,7 @@ class LocalShard:
 
             from pipeline import storage
 
-            path = self.config["data"]["path"]
+            path = self.config.data.path
             if storage.is_uri(path):
                 raise ValueError(f"{path}: in-process training reads local Parquet shards only (use Ray Data)")
             files = parquet_files(path)
@@ -107,8 +106,8 @@ class LocalShard:
     def _decode_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         from pipeline.train.input import DecodeSynthetic, stack
 
-        tp = self.config["train"]
-        decode = DecodeSynthetic(tp["crop"], tp["max_objects"], self.config["seed"])
+        tp = self.config.train
+        decode = DecodeSynthetic(tp.crop, tp.max_objects, self.config.seed)
         assert self._index is not None, "_decode_rows before _row_index"  # iter_torch_batches builds it first
         parts = []
         for row in rows.tolist():

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.train.data import holdout, split_holdout  # noqa: F401 - the stage's held-out videos
+from pipeline.train.data import DataSpec, split_holdout
 
 VAL_DIR = "_val"  # a synthetic set's validation clips (pipeline.synthesize.VAL_DIR)
 
@@ -98,7 +98,7 @@ def parquet_validation_clips(data_path: str, n_clips: int, crop: int, max_object
     return clips
 
 
-def video_counts(data: dict, n_frames: int, holdout_videos: int, mode: str) -> dict[str, int]:
+def video_counts(data: DataSpec, n_frames: int, holdout_videos: int, mode: str) -> dict[str, int]:
     """A video stage's training videos, how many are shorter than its clips, and how many of those
     it never sees (`short_videos: drop`): for the stage's log and metrics."""
     from pipeline.train.data import open_videos
@@ -138,29 +138,6 @@ def check_stage(stage_params, where: str) -> None:
         raise ValueError(f"{where}: lr_schedule plateau with plateau_patience 0 and no floor (plateau_min_scale 0) "
                          "cuts the rate at every noisy check until training stops: set plateau_patience >= 1 "
                          "or plateau_min_scale > 0")
-
-
-def plateau_setup(config: dict, device: torch.device, totals: dict) -> tuple[Plateau | None, list]:
-    """The stage's Plateau (restored from a checkpoint's totals) and its held-out batches on `device`."""
-    tp = config["train"]
-    if tp["lr_schedule"] != "plateau":
-        return None, []
-    from pipeline.train.data import collate, open_videos
-
-    plateau = Plateau(factor=tp["plateau_factor"], patience=tp["plateau_patience"],
-                      min_scale=tp.get("plateau_min_scale", 0.0))
-    if "plateau" in totals:
-        plateau.load_state_dict(totals["plateau"])
-    if config["data"]["kind"] == "parquet":
-        clips = parquet_validation_clips(config["data"]["path"], tp["val_clips"], tp["crop"], tp["max_objects"],
-                                         config["seed"])
-    else:
-        _, held = split_holdout(open_videos(config["data"]), tp["val_holdout"])
-        clips = validation_clips(held, tp["val_clips"], config["frames"], tp["crop"], tp["max_objects"],
-                                 config["seed"], config["data"].get("short_videos", "drop"))
-    batch = max(1, config["per_worker_batch"])
-    batches = [tuple(t.to(device) for t in collate(clips[i:i + batch])) for i in range(0, len(clips), batch)]
-    return plateau, batches
 
 
 def check_plateau(plateau: Plateau, unroll: torch.nn.Module, batches: list, totals: dict) -> float:

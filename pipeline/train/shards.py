@@ -42,7 +42,7 @@ def parquet_files(location: str) -> list[str]:
     return [str(p) for p in sorted(Path(location).glob("*.parquet"))]
 
 
-def read_parquet(location: str, files: list | None = None):
+def read_parquet(location: str):
     """A Ray Data dataset of the clip rows at `location` (streamed: each task reads its own files)."""
     import ray
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.train.loop_config import LoopConfig
+from pipeline.train.settings import StageParams, StrmnParams
 from stm_core.model.network import ModelConfig, STMNetwork
 from stm_core.training import SegmentOutput, UnrollOutput, strmn_segment_count, strmn_segments, unroll_stm
 
@@ -25,7 +27,7 @@ class Unroll(nn.Module):
     """DDP wraps this: forward = one training unroll of `network` over a batch of clips, or (with
     `segments`) the next STRMN TBPTT segment of an unroll in progress."""
 
-    def __init__(self, network: STMNetwork, train: dict, strmn: dict):
+    def __init__(self, network: STMNetwork, train: StageParams, strmn: StrmnParams):
         super().__init__()
         self.network, self.settings, self.strmn = network, train, strmn
 
@@ -35,36 +37,37 @@ class Unroll(nn.Module):
             return next(segments)
         assert frames is not None and masks is not None and valid is not None, \
             "Unroll.forward needs frames, masks and valid, or segments"
-        kw = {"loss": self.settings["loss"], "top_p": self.settings["bootstrap_top_p"]}
+        loss, top_p = self.settings.loss, self.settings.bootstrap_top_p
         if self.network.config.kind == "strmn":
             from stm_core.training import unroll_strmn
 
-            return unroll_strmn(self.network, frames, masks, valid, rule=self.strmn["rule"],
-                                slots=self.strmn["slots"], segment_length=self.strmn["segment_length"], **kw)
-        return unroll_stm(self.network, frames, masks, valid, read_weight=self.settings.get("read_loss", 0.0), **kw)
+            return unroll_strmn(self.network, frames, masks, valid, rule=self.strmn.rule, slots=self.strmn.slots,
+                                segment_length=self.strmn.segment_length, loss=loss, top_p=top_p)
+        return unroll_stm(self.network, frames, masks, valid, read_weight=self.settings.read_loss, loss=loss,
+                          top_p=top_p)
 
     def segments(self, frames: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> Iterator[SegmentOutput]:
         """frames B x N x 3 x H x W, masks B x N x H x W, valid B x O -> the clip's TBPTT segments, lazily."""
-        return strmn_segments(self.network, frames, masks, valid, rule=self.strmn["rule"], slots=self.strmn["slots"],
-                              segment_length=self.strmn["segment_length"], loss=self.settings["loss"],
-                              top_p=self.settings["bootstrap_top_p"])
+        return strmn_segments(self.network, frames, masks, valid, rule=self.strmn.rule, slots=self.strmn.slots,
+                              segment_length=self.strmn.segment_length, loss=self.settings.loss,
+                              top_p=self.settings.bootstrap_top_p)
 
 
-def lr_at(step: int, train: dict) -> float:
+def lr_at(step: int, train: StageParams) -> float:
     """Linear warm-up, then constant (the paper) or cosine decay to 10%."""
-    base, warm, total = train["lr"], train["warmup_steps"], train["steps"]
+    base, warm, total = train.lr, train.warmup_steps, train.steps
     if warm > 0 and step < warm:
         return base * (step + 1) / warm
-    if train["lr_schedule"] == "cosine":
+    if train.lr_schedule == "cosine":
         progress = (step - warm) / max(1, total - warm)
         return base * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
     return base
 
 
-def precision(config: dict, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """-> (autocast dtype or None, use GradScaler). auto: bf16 on GPUs that have it, fp16 on older
-    GPUs, fp32 on CPU (bf16 autocast is slower than fp32 on small CPUs)."""
-    choice = config["train"]["precision"]
+def precision(choice: Literal["auto", "fp32", "bf16", "fp16"],
+              device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """A stage's `precision` -> (autocast dtype or None, use GradScaler). auto: bf16 on GPUs that
+    have it, fp16 on older GPUs, fp32 on CPU (bf16 autocast is slower than fp32 on small CPUs)."""
     if choice == "auto":
         if device.type != "cuda":
             return None, False
@@ -72,8 +75,8 @@ def precision(config: dict, device: torch.device) -> tuple[torch.dtype | None, b
     return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[choice]
 
 
-def build_network(config: dict) -> STMNetwork:
-    init = config.get("init")
+def build_network(config: LoopConfig) -> STMNetwork:
+    init = config.init
     if init is not None:  # main training: the pretrained weights, shipped through the object store
         import ray
 
@@ -81,14 +84,15 @@ def build_network(config: dict) -> STMNetwork:
         network = STMNetwork(ModelConfig(**{**payload["model_config"], "pretrained": "none"}))
         network.load_state_dict(payload["state_dict"])
         return network
-    return STMNetwork(ModelConfig(**config["model"]))
+    return STMNetwork(config.model)
 
 
 def is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
-def make_train_step(model: nn.Module, network: STMNetwork, optimizer, scaler, autocast, tp: dict, strmn: dict):
+def make_train_step(model: nn.Module, network: STMNetwork, optimizer, scaler, autocast, tp: StageParams,
+                    strmn: StrmnParams):
     """-> step(frames, masks, valid) -> UnrollOutput: forward(s), backward(s) and optimizer update(s).
 
     `model` is the prepared module (DDP over `Unroll` with several ranks, `Unroll` itself in one).
@@ -99,7 +103,7 @@ def make_train_step(model: nn.Module, network: STMNetwork, optimizer, scaler, au
     forward and one backward, as before.
     """
     kind = network.config.kind
-    per_segment = kind == "strmn" and strmn.get("update", "clip") == "segment"
+    per_segment = kind == "strmn" and strmn.update == "segment"
     accumulate = kind == "strmn" and not per_segment and is_ddp(model)
     unroll = cast(Unroll, model.module if is_ddp(model) else model)  # DDP wraps the Unroll
 
@@ -108,16 +112,16 @@ def make_train_step(model: nn.Module, network: STMNetwork, optimizer, scaler, au
             scaler.scale(loss).backward()
 
     def update() -> None:
-        if tp["grad_clip"] > 0:
+        if tp.grad_clip > 0:
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(network.parameters(), tp["grad_clip"])
+            nn.utils.clip_grad_norm_(network.parameters(), tp.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     def segmented(frames: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> UnrollOutput:
         n = frames.shape[1]
-        count, predicted = strmn_segment_count(n, strmn["segment_length"]), n - 1
+        count, predicted = strmn_segment_count(n, strmn.segment_length), n - 1
         segments = unroll.segments(frames, masks, valid)
         logits, total = [], torch.zeros((), device=frames.device)
         for i in range(count):

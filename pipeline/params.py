@@ -114,10 +114,12 @@ def resolve_overlay(path: str | Path) -> dict[str, Any]:
     return merge(resolve_overlay(base_file), data, set(replace), f"{path}", f"{base_file}")
 
 
-def shared_keys(root: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
+def shared_keys(root: dict[str, Any], prefix: str) -> dict[str, Any]:
     """The keys a section at `prefix` may set beyond its own (OVER_SHARED), from the top-level base."""
     shared = OVER_SHARED.get(prefix.removesuffix("."))
-    return (root or {}).get(shared) or {} if shared else {}
+    if shared is None:
+        return {}
+    return root.get(shared) or {}
 
 
 def merge(base: dict[str, Any], overlay: dict[str, Any], replace: set[str], where: str, base_file: str,

@@ -102,10 +102,9 @@ def open_videos(data: DataSpec) -> list:
     if is_uri(data.path):
         from pipeline.remote_data import read_davis_at, read_youtube_vos_at
 
-        cache = float(data.cache_mb or 0.0)
         if data.format == "youtube-vos":
-            return read_youtube_vos_at(data.path, data.split, cache)
-        return read_davis_at(data.path, data.split, cache)
+            return read_youtube_vos_at(data.path, data.split, data.cache_mb)
+        return read_davis_at(data.path, data.split, data.cache_mb)
     if data.format == "youtube-vos":
         return read_youtube_vos(data.path, data.split)
     return read_davis(data.path, data.split)

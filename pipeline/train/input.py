@@ -95,8 +95,8 @@ def build_dataset(config: LoopConfig, total_steps: int, global_batch: int, mater
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars in DVC logs
     data, tp, pool = config.data, config.train, config.pool
-    low, high = max(1, int(pool.min_actors)), max(1, int(pool.max_actors))
-    limit = float(pool.materialize_max_mb)
+    low, high = max(1, pool.min_actors), max(1, pool.max_actors)
+    limit = pool.materialize_max_mb
     if data.kind == "parquet":
         ds = read_parquet(data.path).map_batches(
             decode_synthetic, fn_kwargs={"crop": tp.crop, "max_objects": tp.max_objects, "seed": config.seed},

@@ -97,4 +97,4 @@ class LoopConfig:
 
 def holdout(train: StageParams) -> int:
     """Videos held out of training: only a plateau stage validates (and so holds any out)."""
-    return int(train.val_holdout) if train.lr_schedule == "plateau" else 0
+    return train.val_holdout if train.lr_schedule == "plateau" else 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import storage
-from pipeline.params import ParamsError, from_dict, load_params, section
+from pipeline.params import DEFAULT_PARAMS, OVER_SHARED, ParamsError, from_dict, load_params, section
 from pipeline.tracking import MlflowParams, project_root, workspace_root
 from stm_core.model.network import ModelConfig
 
@@ -22,8 +22,7 @@ log = logging.getLogger("pipeline.train")
 STAGES = ("pretrain", "main")
 RUN_ID_FILE = "mlflow_run_id"
 FAULT_ENV = "STM_TRAIN_FAULT"  # "STEP:MARKER": one worker exits once at STEP (tests of fault tolerance)
-SHARED_SECTION = "training"  # the keys both stages share, once
-STAGE_SECTIONS = {"pretrain": "pretrain", "main": "train"}  # --stage -> its params section, over `training`
+STAGE_SECTIONS = {"pretrain": "pretrain", "main": "train"}  # --stage -> its params section (over OVER_SHARED's)
 STAGE_KEYS = ("steps", "max_skip", "data", "data_format", "init")  # each stage's own: never shared
 
 
@@ -215,23 +214,23 @@ def resolve(root: Path, path: str) -> Path:
 def stage_section(params: dict[str, Any], name: str) -> StageParams:
     """StageParams of section `name` (pretrain | train): `training`'s values with the section's over
     them. A stage may set any shared key for itself; its own keys (STAGE_KEYS) are never shared."""
-    where = params.get("__file__", "params.yaml")
-    shared, own = params.get(SHARED_SECTION) or {}, params.get(name) or {}
-    for key, raw in ((SHARED_SECTION, shared), (name, own)):
+    where, shared_name = params.get("__file__", DEFAULT_PARAMS), OVER_SHARED[name]
+    shared, own = params.get(shared_name) or {}, params.get(name) or {}
+    known = {f.name for f in dataclasses.fields(StageParams)}
+    # each part checked on its own, so an error names the section that holds the key
+    for key, raw in ((shared_name, shared), (name, own)):
         if not isinstance(raw, dict):
             raise ParamsError(f"{where}: {key}: expected a mapping, got {raw!r}")
-    known = {f.name for f in dataclasses.fields(StageParams)}
-    for key, raw in ((SHARED_SECTION, shared), (name, own)):
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ParamsError(f"{where}: {key}: unknown key(s) {unknown}; known: {sorted(known)}")
     misplaced = sorted(set(shared) & set(STAGE_KEYS))
     if misplaced:
-        raise ParamsError(f"{where}: {SHARED_SECTION}: {misplaced} belong to each stage (set them under pretrain: "
+        raise ParamsError(f"{where}: {shared_name}: {misplaced} belong to each stage (set them under pretrain: "
                           "and train:), not to the shared keys")
     merged = dict(shared.items())  # items(), not **: a recording mapping (tests of dvc.yaml) sees these reads
     merged.update(own.items())
-    return from_dict(StageParams, merged, f"{where}: {name} (over {SHARED_SECTION})")
+    return from_dict(StageParams, merged, f"{where}: {name} (over {shared_name})")
 
 
 def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = None) -> TrainSettings:

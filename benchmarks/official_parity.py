@@ -79,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official-src", type=Path, required=True,
                    help=f"directory with the official STM code (model.py, helpers.py) from {OFFICIAL_URL}")
-    p.add_argument("--data", type=Path, default=Path("/work/shared/data/davis-sample"),
-                   help="DAVIS root with JPEGImages/480p and Annotations/480p")
+    p.add_argument("--data", type=Path, required=True, help="DAVIS root with JPEGImages/480p and Annotations/480p")
     p.add_argument("--video", default="car-shadow")
     p.add_argument("--frames", type=int, default=14, help="frames to run (>= 12 exercises the every:5 memory)")
     p.add_argument("--objects", type=int, default=3)
-    p.add_argument("--weights", type=Path, default=None, help="official-layout weights (default: make_weights.py)")
-    p.add_argument("--make-weights", type=Path, default=Path("/work/shared/official-stm/make_weights.py"))
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--weights", type=Path, default=None, help="official-layout weights (STM_weights.pth)")
+    weights.add_argument("--make-weights", type=Path, default=None,
+                         help="a script that writes deterministic official-layout weights to the path it is given")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 
 from pipeline.cluster import ClusterError

@@ -2,7 +2,8 @@
 
 The driver reads params.yaml, creates (or re-attaches to) the MLflow run, starts a Ray Train
 `TorchTrainer` whose loop is `pipeline.train.loop.train_loop`, and writes the DVC outputs from
-the final checkpoint: `models/[strmn-]<stage>/model.pt` and `metrics/train-<stage>[-strmn].json`.
+the final checkpoint: `models/[strmn-]<stage>[/<RULE>]/model.pt` and
+`metrics/train-<stage>[-strmn][-<RULE>].json` (`<RULE>`: the STRMN main stage's `--rule`).
 Checkpoints live under `ray.storage` in a run named from a hash of everything that shapes the
 result, so re-running the stage after a crash resumes where it stopped, while changed params or
 data start a fresh run.

@@ -108,11 +108,6 @@ def read_index_mask(path: str | Path) -> np.ndarray:
     return mask_from_image(_open(Path(path), "mask"), path)
 
 
-def read_mask_tensor(path: str | Path) -> torch.Tensor:
-    """Object ids as a long tensor `H x W`."""
-    return torch.from_numpy(read_index_mask(path)).long()
-
-
 def index_mask_png(mask: np.ndarray | torch.Tensor, palette: list[int] | None = None) -> bytes:
     """Encode ids `H x W` as palette PNG bytes (deterministic: same ids -> same bytes)."""
     ids = _as_ids(mask)

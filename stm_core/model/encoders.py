@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 from torchvision.ops import FrozenBatchNorm2d
@@ -140,6 +139,3 @@ def others_probability(probs: torch.Tensor) -> torch.Tensor:
     """probs: B x O x H x W -> for each object, the summed probability of the other objects, clamped."""
     return (probs.sum(dim=1, keepdim=True) - probs).clamp(0, 1)
 
-
-def resize_like(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -1,8 +1,10 @@
 """Image and palette-mask I/O with errors that name the file.
 
 Masks are integer index maps `H x W` (0 = background, k = object k) stored as palette ('P') PNGs
-in the DAVIS palette. Single-channel ('L') PNGs are accepted too; an 'L' mask holding only 0 and
-255 is a binary mask (DAVIS-2016, saliency sets) and reads as object 1.
+in the DAVIS palette. One rule reads every mask (training, evaluation, segmentation, scoring):
+palette and single-channel images ('P', 'L', '1', 16-bit, 'LA'/'PA' by their first channel) give
+their pixel values; a mask holding only 0 and 255 is a binary mask (DAVIS-2016, saliency sets) and
+reads as object 1; colour images are refused, since an object id cannot be told from a colour.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def davis_palette() -> list[int]:
 
 DAVIS_PALETTE: list[int] = davis_palette()
 
-MASK_MODES = ("P", "L")
+COLOUR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 FIX_RGB_MASK = (
     "masks must hold object ids (0 = background, k = object k): save it as a palette ('P') or "
     "single-channel ('L') PNG, e.g. with stm_core.data.write_index_mask(path, ids); a mask drawn in "
@@ -91,16 +93,27 @@ def read_frame(path: str | Path) -> torch.Tensor:
     return to_tensor(read_image(path))
 
 
-def mask_from_image(im: Image.Image, path: str | Path = "<mask>") -> np.ndarray:
-    """Decode a loaded PIL mask into ids `H x W` uint8, with the RGB-mask error that says how to fix it."""
-    if im.mode not in MASK_MODES:
-        raise DataError(f"{path}: mask has mode {im.mode!r}, expected 'P' or 'L'; {FIX_RGB_MASK}")
-    ids = np.asarray(im, dtype=np.uint8).copy()
-    if im.mode == "L":
-        values = np.unique(ids)
-        if values.size and values[-1] == 255 and set(values.tolist()) <= {0, 255}:
-            ids = (ids == 255).astype(np.uint8)  # binary 0/255 mask: one object
+def binary_to_ids(ids: np.ndarray) -> np.ndarray:
+    """A binary 0/255 mask (DAVIS-2016 style) becomes 0/1; any other index map is returned unchanged."""
+    if ids.size and ids.max() == 255 and not np.any((ids != 0) & (ids != 255)):
+        return (ids == 255).astype(np.uint8)
     return ids
+
+
+def mask_from_image(im: Image.Image, path: str | Path = "<mask>") -> np.ndarray:
+    """Decode a loaded PIL mask into ids `H x W` uint8 (the module's one rule), naming the file on error."""
+    if im.mode in COLOUR_MODES:
+        raise DataError(f"{path}: mask has mode {im.mode!r}, a colour image, not object ids; {FIX_RGB_MASK}")
+    arr = np.array(im.getchannel(0) if im.mode in ("LA", "PA") else im)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a single-channel index mask, got array shape {arr.shape}")
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{path}: mode {im.mode} holds {arr.dtype} values, not integer object ids")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise DataError(f"{path}: mask values outside 0..255 ({arr.min()}..{arr.max()})")
+    return binary_to_ids(arr.astype(np.uint8))
 
 
 def read_index_mask(path: str | Path) -> np.ndarray:

@@ -53,6 +53,12 @@ EXTENDS_KEY = "extends"  # overlay: the params file it changes
 REPLACE_KEY = "replace"  # overlay: dotted keys of mappings its values replace whole instead of merging
 
 
+def in_project(root: Path, path: str | Path) -> Path:
+    """A path from params: absolute as given, else relative to the project root `root`."""
+    p = Path(path)
+    return p if p.is_absolute() else (root / p).resolve()
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """The params of `path`, an overlay merged over its base(s); `__file__` names `path`."""
     path = Path(path)

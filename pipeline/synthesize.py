@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import storage, tracking
-from pipeline.params import DEFAULT_PARAMS, load_params, section
+from pipeline.params import DEFAULT_PARAMS, in_project, load_params, section
 from pipeline.tracking import workspace_root
 from stm_core.data.augment import AffineRange, ColorJitter, check_range
 from stm_core.data.io import DataError
@@ -205,11 +205,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve(path: str, root: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else root / p
-
-
 def set_sources(p: SynthesizeParams, where: str = "synthesize") -> dict[str, list[str]]:
     """Each clip set's static sets (its own `sources`, else synthesize.sources), checked."""
     out = {}
@@ -225,7 +220,7 @@ def set_sources(p: SynthesizeParams, where: str = "synthesize") -> dict[str, lis
 
 def source_roots(p: SynthesizeParams, root: Path) -> list[Path]:
     names = list(dict.fromkeys([*p.sources, *(n for ns in set_sources(p).values() for n in ns)]))
-    roots = [resolve(p.raw_root, root) / s for s in names]
+    roots = [in_project(root, p.raw_root) / s for s in names]
     for r in roots:
         if not (r / "images").is_dir() or not (r / "masks").is_dir():
             raise DataError(f"{r}: not a static image set (images/ + masks/); run `stm download` with source "
@@ -235,7 +230,7 @@ def source_roots(p: SynthesizeParams, root: Path) -> list[Path]:
 
 def shared_locations(p: SynthesizeParams, root: Path, store: str) -> dict[str, str]:
     """Actors on any node read the sources and Ray Data writers on any node write the shards."""
-    raw, out = resolve(p.raw_root, root), resolve(p.output, root)
+    raw, out = in_project(root, p.raw_root), in_project(root, p.output)
     return {"synthesize.raw_root": storage.remote_mirror(store, root, raw) or str(raw),
             "synthesize.output": storage.remote_mirror(store, root, out) or str(out)}
 
@@ -247,7 +242,7 @@ def run_synthesize(params_file: str | Path, only: list[str] | None = None) -> li
     store = storage.storage_root(params)
     cache = section(params, "storage", storage.StorageParams).cache_mb  # workers' cache of store files
     roots = source_roots(p, root)
-    out_root = resolve(p.output, root)
+    out_root = in_project(root, p.output)
 
     import ray
 

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import storage
-from pipeline.params import DEFAULT_PARAMS, OVER_SHARED, ParamsError, from_dict, load_params, section
+from pipeline.params import (
+    DEFAULT_PARAMS,
+    OVER_SHARED,
+    ParamsError,
+    from_dict,
+    in_project,
+    load_params,
+    section,
+)
 from pipeline.tracking import MlflowParams, project_root, workspace_root
 from stm_core.model.network import ModelConfig
 
@@ -167,7 +175,7 @@ class TrainSettings:
     def data_path(self) -> Path | None:
         """The local copy of the training data (DVC's dependency); None for data at a URI (read there)."""
         data = self.stage_params.data.replace("{model}", self.kind)
-        return None if storage.is_uri(data) else resolve(self.root, data)
+        return None if storage.is_uri(data) else in_project(self.root, data)
 
     def data_location(self) -> str:
         """Where Ray workers read the training data: a URI when params give one or storage.root is set
@@ -175,7 +183,7 @@ class TrainSettings:
         data = self.stage_params.data.replace("{model}", self.kind)
         if storage.is_uri(data):
             return data
-        local = resolve(self.root, data)
+        local = in_project(self.root, data)
         return storage.remote_mirror(self.storage_root, self.root, local) or str(local)
 
     def model_uri(self) -> str | None:
@@ -188,7 +196,7 @@ class TrainSettings:
             return None
         if init == "pretrain":
             return self.root / "models" / f"{self.prefix}pretrain" / "model.pt"
-        return resolve(self.root, init)
+        return in_project(self.root, init)
 
     def storage(self) -> str:
         """Ray Train's storage: ray.storage as a URI, else under storage.root, else a local folder."""
@@ -197,18 +205,13 @@ class TrainSettings:
             return s
         if self.storage_root and not Path(s).is_absolute():
             return storage.join(storage.check_uri(self.storage_root, "storage.root"), s)
-        return str(resolve(self.root, s))
+        return str(in_project(self.root, s))
 
 
 def shared_locations(s: TrainSettings) -> dict[str, str]:
     """What Ray workers on any node read or write: params key -> path or URI."""
     section_name = STAGE_SECTIONS[s.stage]
     return {f"{section_name}.data": s.data_location(), "ray.storage": s.storage()}
-
-
-def resolve(root: Path, path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else (root / p).resolve()
 
 
 def stage_section(params: dict[str, Any], name: str) -> StageParams:

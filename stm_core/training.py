@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from stm_core.memory.recurrent import RULES, Slots, update_slots
+from stm_core.memory.recurrent import STRMN_RULES, Slots, update_slots
 from stm_core.model.network import STMNetwork
 from stm_core.model.read import label_shares, to_tokens
 
@@ -149,8 +149,8 @@ def strmn_segments(
     fusion = network.fusion
     if fusion is None:
         raise ValueError("unroll_strmn needs an STRMN network: ModelConfig(kind='strmn')")
-    if rule not in (*RULES, "I2M"):
-        raise ValueError(f"unknown STRMN update rule {rule!r}; choose one of {RULES} or 'I2M'")
+    if rule not in STRMN_RULES:
+        raise ValueError(f"unknown STRMN update rule {rule!r}; choose one of {STRMN_RULES}")
     if segment_length < 1 or slots < (2 if rule == "I2M" else 3):
         raise ValueError(f"need segment_length >= 1 and enough slots for rule {rule}, got {segment_length}, {slots}")
     b, n, _, h, w = frames.shape

@@ -225,3 +225,28 @@ def test_a_range_that_is_not_min_max_is_an_error_naming_the_file_and_key(tmp_pat
             section(load_params(tmp_path / "params.yaml"), "synthesize", SynthesizeParams)
         else:
             read_params(load_params(tmp_path / "params.yaml"), ["builtin-videos"])
+
+
+def test_strmn_rules_come_from_one_list_and_unknown_rules_name_the_file(tmp_path: Path, caplog):
+    from stm_core.memory.recurrent import STRMN_RULES
+
+    assert StrmnParams().rules == list(STRMN_RULES) == MemoryParams().rules
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["strmn"]["rules"] = ["A", "E"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"bad\.yaml.*\['E'\]"):
+        settings(bad, "main", "strmn", rule="A")
+    with pytest.raises(ParamsError, match="unknown STRMN rule 'E'"):
+        settings("params.yaml", "main", "strmn", rule="E")
+    with pytest.raises(ParamsError, match="STRMN main stage only"):
+        settings("params.yaml", "pretrain", "strmn", rule="C")
+
+
+def test_a_rule_fine_tuning_says_what_it_derives_from_strmn(caplog):
+    """strmn.main_steps sets the fine-tuning's steps and cuts its warm-up: logged, not silent."""
+    with caplog.at_level("INFO", logger="pipeline.train.strmn_settings"):
+        s = settings("params.yaml", "main", "strmn", rule="B")
+    assert s.strmn.rule == "B" and s.stage_params.steps == s.strmn.main_steps
+    assert s.stage_params.warmup_steps <= s.strmn.main_steps // 4
+    assert "rule B: steps" in caplog.text and "warmup_steps" in caplog.text

@@ -26,11 +26,10 @@ import re
 from dataclasses import dataclass, field
 
 from stm_core.memory import validate_policy
+from stm_core.memory.recurrent import I2M, STRMN_RULES
 
 COPY_FIRST = "copy-first"
 ORACLE = "oracle"
-RULES = ("A", "B", "C", "D")
-I2M = "I2M"
 POSTPROCESS = ("none", "strmn", "all")
 MODELS = ("stm", "strmn")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -43,7 +42,7 @@ class MemoryParams:
     every: int = 5  # STM every:N: a new memory frame every N frames (the paper's final model: 5)
     fifo: int = 8  # STM fifo:K: the first frame plus the K-1 latest memory frames
     slots: int = 4  # STRMN K: template slots of the recurrent memory (first frame included)
-    rules: list[str] = field(default_factory=lambda: [*RULES, I2M])  # STRMN update rules for `strmn` (+ I2M)
+    rules: list[str] = field(default_factory=lambda: list(STRMN_RULES))  # STRMN update rules for `strmn` (+ I2M)
     top_k: int | None = None  # memory read top-k at inference: null keeps the model's own, 0 reads all
     postprocess: str = "strmn"  # drop blobs far from the previous frame's object: none | strmn | all (models)
 
@@ -54,9 +53,9 @@ class MemoryParams:
             raise ValueError(f"fifo must be >= 2 (the first frame and at least one more), got {self.fifo}")
         if self.slots < 2:
             raise ValueError(f"slots must be >= 2 (the ground-truth slot and at least one more), got {self.slots}")
-        bad = [r for r in self.rules if r not in (*RULES, I2M)]
+        bad = [r for r in self.rules if r not in STRMN_RULES]
         if bad or not self.rules:
-            raise ValueError(f"rules must be a non-empty list from {[*RULES, I2M]}, got {self.rules}")
+            raise ValueError(f"rules must be a non-empty list from {list(STRMN_RULES)}, got {self.rules}")
         if self.postprocess not in POSTPROCESS:
             raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {self.postprocess!r}")
         if self.top_k is not None and self.top_k < 0:
@@ -119,7 +118,7 @@ def _expand(spec: str, memory: MemoryParams) -> list[Variant]:
     model, _, rest = spec.partition(":")
     if model not in MODELS:  # a bare policy
         model, rest = ("strmn" if spec.startswith("recurrent") else "stm"), spec
-    if model == "strmn" and rest in ("", *RULES, I2M):
+    if model == "strmn" and rest in ("", *STRMN_RULES):
         rules = list(memory.rules) if rest == "" else [rest]
         return [make_variant("strmn", f"recurrent-i2m:{memory.slots}" if r == I2M else f"recurrent:{memory.slots}:{r}")
                 for r in rules]

@@ -24,6 +24,7 @@ from pipeline.params import (
     section,
 )
 from pipeline.tracking import MlflowParams, project_root, workspace_root
+from stm_core.memory.recurrent import STRMN_RULES
 from stm_core.model.network import ModelConfig
 
 log = logging.getLogger("pipeline.train")
@@ -83,14 +84,14 @@ class StrmnParams:
     """How the STRMN model beside STM is trained (params section `strmn`)."""
 
     slots: int = 4  # K memory slots during the training unroll
-    rule: Literal["A", "B", "C", "D", "I2M"] = "C"  # memory update rule during training
+    rule: str = "C"  # memory update rule during training: A | B | C | D | I2M (stm_core STRMN_RULES)
     norm: Literal["frozen_bn", "group"] = "group"  # backbone normalisation (the STRMN paper: GroupNorm)
     segment_length: int = 4  # TBPTT segment length T in frames (the paper: 10)
     pretrain_frames: int = 5  # frames per synthetic pretraining clip (the paper: 5)
     main_frames: int = 7  # frames per video clip in main training (the paper: 50)
     update: Literal["clip", "segment"] = "clip"  # one Adam step per clip batch, or per TBPTT segment (the paper)
     batch_size: int | None = 2  # global batch of the STRMN stages (null: the stage's batch_size)
-    rules: list[str] = dataclasses.field(default_factory=lambda: ["A", "B", "C", "D", "I2M"])  # one main (fine-tuning) stage per rule (dvc foreach)
+    rules: list[str] = dataclasses.field(default_factory=lambda: list(STRMN_RULES))  # one main (fine-tuning) stage per rule (dvc foreach)
     pretrain_steps: int | None = 60  # optimizer steps of the shared STRMN pretraining (null: pretrain.steps)
     main_steps: int | None = 8  # optimizer steps of each per-rule main stage (null: train.steps)
     lr: float | None = None  # learning rate of the STRMN stages (null: the stage's lr; the paper: 1e-4)
@@ -98,6 +99,11 @@ class StrmnParams:
     pretrain_lr_schedule: str | None = None  # schedule of STRMN pretraining (null: pretrain's; the paper: plateau)
     short_videos: Literal["drop", "repeat"] = "drop"  # fine-tuning videos shorter than main_frames: skipped or repeated
     continuous: bool = False  # main clips are consecutive frames (no skip), as the paper's 50-frame clips
+
+    def __post_init__(self):
+        bad = [r for r in [self.rule, *self.rules] if r not in STRMN_RULES]
+        if bad or not self.rules:
+            raise ValueError(f"rule and rules must name rules from {list(STRMN_RULES)}, got {bad or self.rules}")
 
 
 @dataclass
@@ -256,9 +262,9 @@ def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = 
         raise ParamsError(f"{params_file}: seed: expected an integer, got {seed!r}")
     stage_params = stage_section(params, name)
     if kind == "strmn":
-        from pipeline.train.per_rule import strmn_overrides
+        from pipeline.train.strmn_settings import resolve_strmn
 
-        stage_params = strmn_overrides(params_file, name, strmn, stage_params)
+        strmn, stage_params = resolve_strmn(params_file, stage, rule, strmn, stage_params)
     else:
         from pipeline.train.schedule import check_stage
 
@@ -266,10 +272,8 @@ def settings(params_file: str | Path, stage: str, kind: str, rule: str | None = 
             check_stage(stage_params, f"{params_file}: {name}")
         except ValueError as err:
             raise ParamsError(str(err)) from err
-    if rule is not None:
-        from pipeline.train.per_rule import apply_rule
-
-        strmn, stage_params = apply_rule(params_file, stage, kind, rule, strmn, stage_params)
+    if rule is not None and kind != "strmn":
+        raise ParamsError(f"{params_file}: --rule applies to the STRMN main stage only (--stage main --model strmn)")
     return TrainSettings(stage, kind, model, stage_params, strmn, section(params, "ray", RayParams),
                          section(params, "mlflow", MlflowParams), seed, workspace_root(params_file),
                          project_root(params_file), Path(params_file),

@@ -45,8 +45,9 @@ from stm_core.memory.base import Encoded, Memory
 from stm_core.model.fusion import template_similarity, token_similarity
 from stm_core.model.read import to_tokens
 
-RULES = ("A", "B", "C", "D")
-I2M = "I2M"
+RULES = ("A", "B", "C", "D")  # the update rules (pick a pair, fuse one into the other)
+I2M = "I2M"  # the input-to-memory ablation: the newest frame is fused, no pair is picked
+STRMN_RULES = (*RULES, I2M)  # every rule a model is trained and evaluated with: the one list
 KeyValueFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # ... x C x h x w -> key, value
 
 
@@ -184,8 +185,8 @@ class RecurrentMemory(Memory):
                 "recurrent memory policies need an STRMN network with a Fusion Cell "
                 "(ModelConfig(kind='strmn')); this network has none"
             )
-        if rule not in RULES and rule != I2M:
-            raise ValueError(f"unknown update rule {rule!r}; choose one of {RULES} or {I2M!r}")
+        if rule not in STRMN_RULES:
+            raise ValueError(f"unknown update rule {rule!r}; choose one of {STRMN_RULES}")
         self.capacity = capacity
         self.rule = rule
         self.network = network

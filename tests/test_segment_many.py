@@ -76,7 +76,8 @@ def no_ray_address(monkeypatch):
 def test_two_workers_give_the_single_video_masks(tmp_path, ray_2cpu, one_thread):
     """A DAVIS folder on 2 actors = the one-video form per video, with the same settings (one thread
     each; at most near-tie pixels may differ); segment.json holds each video's statistics."""
-    from pipeline.segment.sources import dataset_jobs, load_given
+    from pipeline.segment.listing import dataset_jobs
+    from pipeline.segment.sources import load_given
 
     names = builtin_davis(tmp_path / "davis", videos=4, frames=8)
     ckpt = tiny_checkpoint(tmp_path / "stm.pt")
@@ -88,7 +89,7 @@ def test_two_workers_give_the_single_video_masks(tmp_path, ray_2cpu, one_thread)
     assert summary["summary"]["done"] == 4 and summary["summary"]["failed"] == 0
     pids = {summary["videos"][n]["worker_pid"] for n in names}
     assert len(pids) == 2  # both actors took videos
-    jobs = {j.name: j for j in dataset_jobs(str(tmp_path / "davis"), tmp_path / "davis")}
+    jobs = {j.name: j for j in dataset_jobs(str(tmp_path / "davis"), tmp_path / "davis")[0]}
     differ = total = 0
     for name in names:
         record = summary["videos"][name]

@@ -1,7 +1,7 @@
 """The videos of a `stm segment` run: found on the driver, read frame by frame on a worker.
 
-Two layouts. `--dataset ROOT`: DAVIS or YouTube-VOS (stm_core.data.video), one folder of frames per
-video. `--videos DIR`: video files (`clip.mp4`), each with its first-frame index mask `clip.png`
+Listed on the driver by pipeline.segment.listing. Two layouts. `--dataset ROOT`: DAVIS or
+YouTube-VOS (stm_core.data.video), one folder of frames per video. `--videos DIR`: video files (`clip.mp4`), each with its first-frame index mask `clip.png`
 beside it, or a folder `clip/` of masks named by frame number (`00000.png`, `00120.png`, ...) for
 objects that enter later. A `VideoJob` names files relative to the root, so a worker on any node
 reads them from its own copy of the root (a store URI is cached per node).
@@ -21,8 +21,7 @@ import torch
 from PIL import Image
 
 from stm_core.data.io import DataError, image_size, read_frame, read_index_mask, to_tensor
-from stm_core.data.video import read_davis, read_youtube_vos
-from stm_core.data.video_file import VIDEO_SUFFIXES, probe, read_frames
+from stm_core.data.video_file import probe, read_frames
 
 SIZE_TOLERANCE = 2  # masks this many pixels off their frame's size are resized (as stm_core.data.video)
 
@@ -40,6 +39,7 @@ class VideoJob:
     length: int = 0  # frames (a video file's header count)
     fps: float = 25.0
     expected_mask: str = ""  # where the first-frame mask was looked for (for the error message)
+    inputs: str = ""  # fingerprint of the input files (pipeline.segment.listing): a changed file redoes the video
 
     @property
     def source(self) -> str:
@@ -48,66 +48,7 @@ class VideoJob:
         return f"{self.root.rstrip('/')}/{rel}"
 
 
-# ----------------------------------------------------------------------------- the driver: find them
-
-def dataset_jobs(root: str, local: Path, fmt: str = "auto", split: str = "val", year: str = "2017",
-                 resolution: str = "480p", sequences: list[str] | None = None) -> list[VideoJob]:
-    """DAVIS or YouTube-VOS videos under `local` (the driver's copy of `root`)."""
-    if not local.is_dir():
-        raise DataError(f"{local}: dataset folder not found")
-    if fmt == "auto":
-        fmt = "davis" if (local / "JPEGImages").is_dir() else "youtube-vos"
-    if fmt == "davis":
-        videos = read_davis(local, split, year=year, resolution=resolution, sequences=sequences or None)
-    else:
-        videos = read_youtube_vos(local, split)
-        if sequences:
-            by_name = {v.name: v for v in videos}
-            missing = [s for s in sequences if s not in by_name]
-            if missing:
-                raise DataError(f"{local / split}: sequence(s) {missing} not found")
-            videos = [by_name[s] for s in sequences]
-    masks = f"Annotations/{resolution}" if fmt == "davis" else f"{split}/Annotations"
-    jobs = []
-    for seq in videos:
-        def rel(p: Path) -> str:
-            return p.relative_to(local).as_posix()
-
-        jobs.append(VideoJob(name=seq.name, root=root, frames=[rel(p) for p in seq.frames],
-                             annotations={t: rel(p) for t, p in seq.annotations.items()},
-                             object_frames=seq.object_frames, length=len(seq),
-                             expected_mask=f"{masks}/{seq.name}/{seq.frames[0].stem}.png"))
-    return jobs
-
-
-def video_file_jobs(root: str, local: Path, names: list[str] | None = None) -> list[VideoJob]:
-    """Video files in `local` with their masks (`<name>.png` and/or `<name>/<frame number>.png`).
-    A video without any mask is still listed: its worker reports the missing first-frame mask."""
-    if not local.is_dir():
-        raise DataError(f"{local}: videos folder not found")
-    files = sorted(p for p in local.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
-    if names:
-        missing = [n for n in names if n not in {p.stem for p in files}]
-        if missing:
-            raise DataError(f"{local}: video(s) {missing} not found (looked for {', '.join(VIDEO_SUFFIXES)})")
-        files = [p for p in files if p.stem in names]
-    if not files:
-        raise DataError(f"{local}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
-    jobs = []
-    for path in files:
-        annotations: dict[int, str] = {}
-        folder = local / path.stem
-        if folder.is_dir():
-            for mask in sorted(folder.glob("*.png")):
-                if not mask.stem.isdigit():
-                    raise DataError(f"{mask}: masks of {path.name} are named by frame number (00000.png, 00120.png)")
-                annotations[int(mask.stem)] = f"{path.stem}/{mask.name}"
-        if (local / f"{path.stem}.png").is_file():
-            annotations.setdefault(0, f"{path.stem}.png")
-        jobs.append(VideoJob(name=path.stem, root=root, video=path.name, annotations=annotations,
-                             expected_mask=f"{path.stem}.png"))
-    return jobs
-
+# ----------------------------------------------------------------------------- the driver: measure them
 
 def measure(job: VideoJob, local: Path) -> None:
     """Fill in a video file's length and rate from its header (cheap); DataError if unreadable."""

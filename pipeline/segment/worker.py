@@ -31,7 +31,8 @@ CHECK_MEMORY_EVERY = 25  # frames between checks of the memory's size against th
 
 @dataclass
 class Settings:
-    """What makes a video's masks what they are (a re-run skips videos made with the same)."""
+    """What makes a video's outputs what they are: a re-run skips a video only when its record holds
+    the same key() (and the same input fingerprint; pipeline.segment.outputs.why_redo)."""
 
     checkpoint: str
     checkpoint_sha256: str
@@ -40,6 +41,8 @@ class Settings:
     max_size: int | None
     device: str
     timed_kernels: bool = False
+    resolution: str = ""  # DAVIS resolution folder ("" for video files)
+    overlay: bool = False  # OUT/<video>.mp4 is part of the video's output
 
     def key(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "device")}
@@ -55,7 +58,7 @@ class SegmentWorker:
 
         # As the single-video form: the same CPU convolution kernels every run unless asked to time them.
         set_winograd_mode("auto" if settings.timed_kernels else "off")
-        self.settings, self.out, self.overlay = settings, Output(out), overlay
+        self.settings, self.out, self.overlay = settings, Output(out), overlay or settings.overlay
         self.warn_bytes = warn_memory_mb * 2**20
         self.progress = progress
         self.device = torch.device(settings.device)
@@ -158,7 +161,8 @@ class SegmentWorker:
                 "peak_memory_mb": round(peak / 2**20, 1),
                 "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "rss_growth",
                 "rss_mb": rss_mb, "warnings": warnings, "source": job.source,
-                "node": _node_id(), "worker_pid": os.getpid(), "settings": s.key()}
+                "node": _node_id(), "worker_pid": os.getpid(), "settings": s.key(),
+                "inputs": job.inputs}
 
 
 def memory_warning(video: str, policy: str, nbytes: int, frames: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.cluster import ClusterError
-from pipeline.runguard import Stopped, stop_on_signals
+from pipeline.runguard import Stopped, check_stop, stop_on_signals
 from pipeline.segment import listing, sources
 from pipeline.segment.outputs import Output, why_redo
 from pipeline.segment.summary import INTERRUPTED, RunSummary, failure
@@ -32,6 +33,17 @@ REASONS = {"inputs": "with changed input files", "overlay": "without the overlay
 
 class SegmentError(RuntimeError):
     pass
+
+
+def stopped(err: KeyboardInterrupt) -> Stopped:
+    """The `Stopped` of a signal; Ray's waits re-raise the handler's `Stopped` as a plain KeyboardInterrupt."""
+    if isinstance(err, Stopped):
+        return err
+    try:
+        check_stop()
+    except Stopped as stop:
+        return stop
+    return Stopped(signal.SIGINT)
 
 
 def find_jobs(args: argparse.Namespace) -> tuple[list[sources.VideoJob], dict[str, str]]:
@@ -116,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
             data = read_checkpoint(args.checkpoint)
             jobs, failed = find_jobs(args)
             return segment_many(args, data, jobs, failed, precision)
-    except Stopped as stop:  # before the pool started; a stop during it is handled in segment_many
+    except KeyboardInterrupt as err:  # before the pool started; a stop during it is handled in work()
+        stop = stopped(err)
         print(f"stm segment: {stop}", file=sys.stderr)
         return stop.exit_code
     except (CheckpointError, DataError, ValueError, ClusterError, PoolError, SegmentError) as err:
@@ -223,7 +236,8 @@ def work(args: argparse.Namespace, out: Output, settings: Settings, checkpoint: 
                 run_pool(SegmentWorker, (ckpt_ref, settings, str(args.out), threads, args.overlay,
                                          args.warn_memory_mb), items, spec, on_done=done,
                          on_progress=lambda key, units: frames_bar.update(units))
-        except Stopped as stop:  # the pool's actors are gone (run_pool kills them on the way out)
+        except KeyboardInterrupt as err:  # the pool's actors are gone (run_pool kills them on the way out)
+            stop = stopped(err)
             left = run.interrupt(f"{stop} before it completed")
             tqdm.write(f"stm segment: {stop}: {len(left)} video(s) interrupted, marked in segment.json",
                        file=sys.stderr)

@@ -4,7 +4,8 @@ Listed on the driver by pipeline.segment.listing. Two layouts. `--dataset ROOT`:
 YouTube-VOS (stm_core.data.video), one folder of frames per video. `--videos DIR`: video files (`clip.mp4`), each with its first-frame index mask `clip.png`
 beside it, or a folder `clip/` of masks named by frame number (`00000.png`, `00120.png`, ...) for
 objects that enter later. A `VideoJob` names files relative to the root, so a worker on any node
-reads them from its own copy of the root (a store URI is cached per node).
+reads them itself (`tree.Inputs`: a store file is fetched when read, into a bounded per-process
+cache; nothing copies the root).
 
 At an annotated frame after the first, only the objects it introduces are taken from its mask
 (DAVIS annotates every frame: the ground truth of known objects is not fed back in).
@@ -13,6 +14,7 @@ At an annotated frame after the first, only the objects it introduces are taken 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.segment.tree import Inputs
 from stm_core.data.io import DataError, image_size, read_frame, read_index_mask, to_tensor
 from stm_core.data.video_file import probe, read_frames
 
@@ -39,6 +42,7 @@ class VideoJob:
     length: int = 0  # frames (a video file's header count)
     fps: float = 25.0
     expected_mask: str = ""  # where the first-frame mask was looked for (for the error message)
+    cost: float = 0.0  # scheduling weight (longest first)
     inputs: str = ""  # fingerprint of the input files (pipeline.segment.listing): a changed file redoes the video
 
     @property
@@ -48,37 +52,33 @@ class VideoJob:
         return f"{self.root.rstrip('/')}/{rel}"
 
 
-# ----------------------------------------------------------------------------- the driver: measure them
-
-def measure(job: VideoJob, local: Path) -> None:
-    """Fill in a video file's length and rate from its header (cheap); DataError if unreadable."""
-    if job.video:
-        info = probe(local / job.video)
-        job.length, job.fps = info.frames, info.fps
-
-
-def object_count(job: VideoJob, local: Path) -> int:
-    """Objects in the first annotation (a scheduling hint; 1 when unknown)."""
-    if job.object_frames:
-        return len(job.object_frames)
-    first = job.annotations.get(min(job.annotations, default=-1))
-    if first is None:
-        return 1
-    try:
-        with Image.open(local / first) as im:
-            return max(1, int(np.count_nonzero(np.unique(np.asarray(im)))))
-    except OSError:
-        return 1
-
-
 # ----------------------------------------------------------------------------- the worker: read them
 
-def frame_size(job: VideoJob, local: Path) -> tuple[int, int]:
-    """(H, W) of the video's frames."""
+def object_count(job: VideoJob) -> int:
+    """Objects of the video when the listing knows them (YouTube-VOS meta), else 1: a scheduling
+    hint that reads no file."""
+    return len(job.object_frames) if job.object_frames else 1
+
+
+@contextmanager
+def named(inputs: Inputs) -> Iterator[None]:
+    """Errors name store files by their URI, not by this process's cached copy."""
+    try:
+        yield
+    except DataError as err:
+        raise DataError(inputs.unname(str(err))) from err
+
+
+def measure(job: VideoJob, inputs: Inputs) -> tuple[int, int]:
+    """Fill in a video file's length and rate from its header (cheap); -> (H, W) of the frames.
+    DataError naming the file if unreadable."""
     if job.video:
-        info = probe(local / job.video)
+        with named(inputs):
+            info = probe(inputs.path(job.video))
+        job.length, job.fps = info.frames, info.fps
         return info.height, info.width
-    return image_size(local / job.frames[0])
+    with named(inputs):
+        return image_size(inputs.path(job.frames[0]))
 
 
 def frame_names(job: VideoJob) -> Iterator[str]:
@@ -92,17 +92,18 @@ def frame_names(job: VideoJob) -> Iterator[str]:
             t += 1
 
 
-def stream_frames(job: VideoJob, local: Path) -> Iterator[torch.Tensor]:
+def stream_frames(job: VideoJob, inputs: Inputs) -> Iterator[torch.Tensor]:
     """Frames as float `3 x H x W` in [0, 1], one at a time (as `stm segment --frames` reads them)."""
-    if job.video:
-        for image in read_frames(local / job.video):
-            yield to_tensor(image)
-    else:
-        for rel in job.frames:
-            yield read_frame(local / rel)
+    with named(inputs):
+        if job.video:
+            for image in read_frames(inputs.path(job.video)):
+                yield to_tensor(image)
+        else:
+            for rel in job.frames:
+                yield read_frame(inputs.path(rel))
 
 
-def load_given(job: VideoJob, local: Path, size: tuple[int, int],
+def load_given(job: VideoJob, inputs: Inputs, size: tuple[int, int],
                ) -> tuple[dict[int, torch.Tensor], list[int] | None]:
     """The masks the network starts from: {frame: H x W ids} of the objects each annotated frame
     introduces, and the first mask's palette. Errors name the mask file."""
@@ -113,12 +114,13 @@ def load_given(job: VideoJob, local: Path, size: tuple[int, int],
     seen: set[int] = set()
     palette = None
     for t in sorted(job.annotations):
-        path = local / job.annotations[t]
+        path = inputs.where(job.annotations[t])
         if job.length and t >= job.length:
             raise DataError(f"{path}: annotates frame {t}, but {job.source} has {job.length} frames")
-        ids = read_index_mask(path)
+        with named(inputs):
+            ids = read_index_mask(inputs.path(job.annotations[t]))
         if palette is None:
-            with Image.open(path) as im:
+            with Image.open(inputs.path(job.annotations[t])) as im:
                 palette = im.getpalette() if im.mode == "P" else None
         if ids.shape != size:
             if max(abs(ids.shape[0] - size[0]), abs(ids.shape[1] - size[1])) > SIZE_TOLERANCE:

@@ -20,6 +20,7 @@ from pipeline.runguard import Stopped, check_stop, stop_on_signals
 from pipeline.segment import listing, sources
 from pipeline.segment.outputs import Output, why_redo
 from pipeline.segment.summary import INTERRUPTED, RunSummary, failure
+from pipeline.segment.tree import Tree
 from pipeline.segment.worker import SegmentWorker, Settings
 from pipeline.workpool import Item, PoolError, PoolSpec, run_pool
 from stm_core.data.io import DataError
@@ -48,19 +49,18 @@ def stopped(err: KeyboardInterrupt) -> Stopped:
 
 def find_jobs(args: argparse.Namespace) -> tuple[list[sources.VideoJob], dict[str, str]]:
     """-> (videos to run, {video: its error}): a fault of one video fails that video only."""
-    root = args.dataset or args.videos
-    local = storage.local_or_cached(root)  # a URI: this node's cached copy
+    start = time.monotonic()
+    tree = Tree.scan(args.dataset or args.videos)  # one listing; no file is read or copied
     if args.dataset:
-        jobs, failed = listing.dataset_jobs(root, local, args.format, args.split, args.year, args.resolution,
+        jobs, failed = listing.dataset_jobs(tree, args.format, args.split, args.year, args.resolution,
                                             args.sequences, getattr(args, "fps", None))
     else:
-        jobs, failed = listing.video_file_jobs(root, local, args.sequences)
-    for job in jobs:
-        try:
-            sources.measure(job, local)
-        except DataError as err:
-            failed[job.name] = str(err)
-    return [j for j in jobs if j.name not in failed], failed
+        jobs, failed = listing.video_file_jobs(tree, args.sequences)
+    print(f"stm segment: {len(jobs) + len(failed)} video(s) listed in {tree.where('')} "
+          f"({len(tree.files)} files, {time.monotonic() - start:.1f} s)", file=sys.stderr)
+    for job in jobs:  # the scheduling cost: frames x objects, or a video file's size (its header is read by its worker)
+        job.cost = job.length * sources.object_count(job) if job.frames else tree.files[job.video][0] / 1e4
+    return jobs, failed
 
 
 def read_checkpoint(path: str) -> bytes:
@@ -209,15 +209,14 @@ def work(args: argparse.Namespace, out: Output, settings: Settings, checkpoint: 
     """Run `todo` on the pool, keeping segment.json current; -> 0, or 128 + signal when stopped."""
     import ray
 
-    local = storage.local_or_cached(args.dataset or args.videos)
-    items = [Item(j.name, j.length * sources.object_count(j, local), j) for j in todo]
+    items = [Item(j.name, j.cost, j) for j in todo]
     run.write()
     spec = PoolSpec(num_cpus=args.cpus_per_worker, num_gpus=gpus, actors=args.workers, wait_s=args.wait,
                     progress=True)
     threads = max(1, round(args.cpus_per_worker))
     last = [time.monotonic()]
     with tqdm(total=len(todo), desc="videos", unit="video", file=sys.stderr, position=0) as videos_bar, \
-            tqdm(total=sum(j.length for j in todo), desc="frames", unit="frame", file=sys.stderr,
+            tqdm(total=sum(j.length for j in todo) or None, desc="frames", unit="frame", file=sys.stderr,
                  position=1) as frames_bar:
 
         def done(outcome) -> None:

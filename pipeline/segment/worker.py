@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pipeline import storage
 from pipeline.segment.outputs import Output, draw_overlay, palette_array
-from pipeline.segment.sources import VideoJob, frame_names, frame_size, load_given, stream_frames
+from pipeline.segment.sources import VideoJob, frame_names, load_given, measure, stream_frames
+from pipeline.segment.tree import Inputs
 from stm_core.data.io import DataError, index_mask_png
 from stm_core.inference import InferenceCore, memory_bytes, memory_entries, probabilities_to_mask
 from stm_core.model.checkpoint import load_checkpoint
@@ -70,8 +70,8 @@ class SegmentWorker:
 
     def run(self, job: VideoJob) -> dict:
         """Segment one video and publish its folder; -> its record. Raises DataError naming the file."""
-        local = storage.local_or_cached(job.root)
-        size = frame_size(job, local)
+        local = Inputs(job.root)  # a store file is fetched when read, into this process's bounded cache
+        size = measure(job, local)
         given, palette = load_given(job, local, size)
         colours = palette_array(palette)
         staged = self.out.staging(job.name)
@@ -98,7 +98,7 @@ class SegmentWorker:
                 overlay_file.unlink(missing_ok=True)
             raise
 
-    def _segment(self, job: VideoJob, local, size: tuple[int, int], given: dict[int, torch.Tensor],
+    def _segment(self, job: VideoJob, local: Inputs, size: tuple[int, int], given: dict[int, torch.Tensor],
                  palette: list[int] | None, colours: np.ndarray, staged, writer) -> dict:
         s = self.settings
         release_free_heap()

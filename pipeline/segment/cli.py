@@ -13,7 +13,8 @@ frames/s, memory entries, peak memory, or the error naming the file) and with --
 OUT/<video>.mp4. A re-run skips a complete video only when its checkpoint, settings and input files
 are the same (--force redoes them). Exit code 1: some videos failed (named in segment.json and the
 log); 130/143: stopped by SIGINT/SIGTERM (the videos it was running marked interrupted). --device
-auto (default): GPU actors when the cluster has or can add GPUs. See docs/segment.md.
+auto (default): GPU actors when the cluster has or can add GPUs. --max-size defaults to 1280 here
+(0: the source's size). See docs/segment.md.
 """
 
 from __future__ import annotations

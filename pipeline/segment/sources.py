@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.segment.tree import Inputs
 from stm_core.data.io import DataError, image_size, read_frame, read_index_mask, to_tensor
-from stm_core.data.video_file import probe, read_frames
+from stm_core.data.video_file import check_complete, timed_frames
 
 SIZE_TOLERANCE = 2  # masks this many pixels off their frame's size are resized (as stm_core.data.video)
 
@@ -70,11 +70,12 @@ def named(inputs: Inputs) -> Iterator[None]:
 
 
 def measure(job: VideoJob, inputs: Inputs) -> tuple[int, int]:
-    """Fill in a video file's length and rate from its header (cheap); -> (H, W) of the frames.
-    DataError naming the file if unreadable."""
+    """Fill in a video file's length and rate from its header; -> (H, W) of the frames (upright).
+    DataError naming the file if unreadable or truncated (its packets are read, not decoded: a
+    truncated file fails before any frame is segmented)."""
     if job.video:
         with named(inputs):
-            info = probe(inputs.path(job.video))
+            info = check_complete(inputs.path(job.video))
         job.length, job.fps = info.frames, info.fps
         return info.height, info.width
     with named(inputs):
@@ -92,15 +93,16 @@ def frame_names(job: VideoJob) -> Iterator[str]:
             t += 1
 
 
-def stream_frames(job: VideoJob, inputs: Inputs) -> Iterator[torch.Tensor]:
-    """Frames as float `3 x H x W` in [0, 1], one at a time (as `stm segment --frames` reads them)."""
+def stream_frames(job: VideoJob, inputs: Inputs) -> Iterator[tuple[torch.Tensor, float | None]]:
+    """(frame as float `3 x H x W` in [0, 1], its time in seconds or None), one at a time (as
+    `stm segment --frames` reads them); a video file's frames upright and with their own times."""
     with named(inputs):
         if job.video:
-            for image in read_frames(inputs.path(job.video)):
-                yield to_tensor(image)
+            for image, when in timed_frames(inputs.path(job.video)):
+                yield to_tensor(image), when
         else:
             for rel in job.frames:
-                yield read_frame(inputs.path(rel))
+                yield read_frame(inputs.path(rel)), None
 
 
 def load_given(job: VideoJob, inputs: Inputs, size: tuple[int, int],

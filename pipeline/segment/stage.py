@@ -28,6 +28,8 @@ from stm_core.memory import validate_policy
 from stm_core.model.checkpoint import CheckpointError
 
 SUMMARY_EVERY_S = 5.0  # segment.json is rewritten at most this often while videos finish (and at the end)
+MAX_SIZE = 1280  # --max-size default of the many-video form: the network sees at most 1280 px (4K is 3x cheaper
+# per side; masks are still written at the source's size); --max-size 0: the source's own size
 REASONS = {"inputs": "with changed input files", "overlay": "without the overlay asked for",
            "checkpoint_sha256": "made by another checkpoint", "--force": "(--force)"}
 
@@ -149,7 +151,8 @@ def segment_many(args: argparse.Namespace, checkpoint: bytes, jobs: list[sources
         check_cluster(args)
         device, gpus = resolve_device(args)
         settings = Settings(checkpoint=args.checkpoint, checkpoint_sha256=hashlib.sha256(checkpoint).hexdigest(),
-                            memory=args.memory, precision=precision, max_size=args.max_size, device=device,
+                            memory=args.memory, precision=precision, device=device,
+                            max_size=MAX_SIZE if args.max_size is None else (args.max_size or None),
                             timed_kernels=bool(args.timed_kernels), resolution=args.resolution if args.dataset else "",
                             overlay=bool(args.overlay))
         out = Output(str(args.out))

@@ -73,6 +73,11 @@ class SegmentWorker:
         local = Inputs(job.root)  # a store file is fetched when read, into this process's bounded cache
         size = measure(job, local)
         given, palette = load_given(job, local, size)
+        if self.settings.max_size and max(size) > self.settings.max_size:  # said once per video: masks stay full size
+            scale = self.settings.max_size / max(size)
+            print(f"stm segment: {job.name}: {size[1]}x{size[0]} frames are segmented at "
+                  f"{round(size[1] * scale)}x{round(size[0] * scale)} (--max-size {self.settings.max_size}); masks are "
+                  f"written at {size[1]}x{size[0]}", file=sys.stderr, flush=True)
         colours = palette_array(palette)
         staged = self.out.staging(job.name)
         overlay_file = self.out.overlay_path(job.name, staged) if self.overlay else None
@@ -116,7 +121,7 @@ class SegmentWorker:
         t = -1
         names = frame_names(job)
         try:
-            for t, frame in enumerate(stream_frames(job, local)):  # frame: 3 x H x W in [0, 1]
+            for t, (frame, when) in enumerate(stream_frames(job, local)):  # frame: 3 x H x W in [0, 1]
                 if tuple(frame.shape[-2:]) != size:
                     raise DataError(f"{job.source}: frame {t} is {frame.shape[-1]}x{frame.shape[-2]}, the first "
                                     f"frame {size[1]}x{size[0]} (W x H)")
@@ -132,7 +137,7 @@ class SegmentWorker:
                 (staged / f"{next(names)}.png").write_bytes(index_mask_png(ids_np, palette))
                 if writer is not None:
                     image = (frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                    writer.write(draw_overlay(image, ids_np, colours))
+                    writer.write(draw_overlay(image, ids_np, colours), when)  # the source's own times
                 unreported += 1
                 if unreported >= REPORT_EVERY:
                     self._report(job.name, unreported)

@@ -124,12 +124,13 @@ def run(args: argparse.Namespace) -> int:
         print("stm segment: --checkpoint is required (a model.pt written by `stm train`)", file=sys.stderr)
         return 2
     precision = getattr(args, "precision", None) or "fp32"
+    began = time.monotonic()
     try:
         with stop_on_signals("stm segment"):
             validate_policy(args.memory)
             data = read_checkpoint(args.checkpoint)
             jobs, failed = find_jobs(args)
-            return segment_many(args, data, jobs, failed, precision)
+            return segment_many(args, data, jobs, failed, precision, began)
     except KeyboardInterrupt as err:  # before the pool started; a stop during it is handled in work()
         stop = stopped(err)
         print(f"stm segment: {stop}", file=sys.stderr)
@@ -140,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def segment_many(args: argparse.Namespace, checkpoint: bytes, jobs: list[sources.VideoJob],
-                 failed: dict[str, str], precision: str) -> int:
+                 failed: dict[str, str], precision: str, began: float | None = None) -> int:
+    """`began`: when the command started (monotonic): segment.json's `startup_s` is the time from it
+    to the first video handed to the pool (listing, earlier records, Ray)."""
     import ray
 
     from pipeline.cluster import init_ray
@@ -164,7 +167,7 @@ def segment_many(args: argparse.Namespace, checkpoint: bytes, jobs: list[sources
         todo = plan(args, out, settings, jobs, run)
         for name, error in failed.items():
             fail(out, run, name, error)
-        code = work(args, out, settings, checkpoint, gpus, todo, run)
+        code = work(args, out, settings, checkpoint, gpus, todo, run, time.monotonic() if began is None else began)
     finally:
         if started:
             ray.shutdown()
@@ -208,11 +211,13 @@ def fail(out: Output, run: RunSummary, name: str, error: str) -> None:
 
 
 def work(args: argparse.Namespace, out: Output, settings: Settings, checkpoint: bytes, gpus: float,
-         todo: list[sources.VideoJob], run: RunSummary) -> int:
+         todo: list[sources.VideoJob], run: RunSummary, began: float) -> int:
     """Run `todo` on the pool, keeping segment.json current; -> 0, or 128 + signal when stopped."""
     import ray
 
     items = [Item(j.name, j.cost, j) for j in todo]
+    run.head["startup_s"] = round(time.monotonic() - began, 2)
+    print(f"stm segment: started in {run.head['startup_s']:.1f} s; {len(items)} video(s) to segment", file=sys.stderr)
     run.write()
     spec = PoolSpec(num_cpus=args.cpus_per_worker, num_gpus=gpus, actors=args.workers, wait_s=args.wait,
                     progress=True)

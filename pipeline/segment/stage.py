@@ -30,6 +30,7 @@ from stm_core.model.checkpoint import CheckpointError
 SUMMARY_EVERY_S = 5.0  # segment.json is rewritten at most this often while videos finish (and at the end)
 MAX_SIZE = 1280  # --max-size default of the many-video form: the network sees at most 1280 px (4K is 3x cheaper
 # per side; masks are still written at the source's size); --max-size 0: the source's own size
+RECORD_READERS = 16  # threads reading the videos' earlier records (one small file each) on the driver
 REASONS = {"inputs": "with changed input files", "overlay": "without the overlay asked for",
            "checkpoint_sha256": "made by another checkpoint", "--force": "(--force)"}
 
@@ -183,10 +184,13 @@ def segment_many(args: argparse.Namespace, checkpoint: bytes, jobs: list[sources
 def plan(args: argparse.Namespace, out: Output, settings: Settings, jobs: list[sources.VideoJob],
          run: RunSummary) -> list[sources.VideoJob]:
     """The jobs to run; complete videos of the same settings and inputs are recorded as skipped."""
+    from concurrent.futures import ThreadPoolExecutor
+
     todo: list[sources.VideoJob] = []
     why: dict[str, int] = {}
-    for job in jobs:
-        old = out.record(job.name)
+    with ThreadPoolExecutor(RECORD_READERS) as readers:  # a store answers many small reads at once
+        olds = list(readers.map(out.record, [j.name for j in jobs]))
+    for job, old in zip(jobs, olds):
         reason = "--force" if args.force and old is not None else why_redo(old, settings.key(), job.inputs)
         if reason is None:
             run.set(job.name, {**(old or {}), "skipped": True})

@@ -22,8 +22,10 @@ What the pool does for you:
   cluster whose nodes have not joined yet is waited for, one that never fits an actor is an error;
 - each payload is made (`Item.load`) and put in the object store when its item is dispatched, and
   dropped when it finishes (memory stays flat on long lists);
-- a failed item (its exception, or its actor's death) is recorded in its `Outcome.error` and the
-  other items continue; an actor that dies takes no more items (the others go on).
+- a failed item (its exception) is recorded in its `Outcome.error` and the other items continue;
+- an actor that dies (out of memory, its node lost, killed) is replaced by a new one, and its item
+  runs again, at most `spec.retries` more times: only an item whose actor dies on every try fails
+  ("worker died N times"). A new actor whose constructor fails counts as a death of that item.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class PoolSpec:
     say_every_s: float = 15.0  # while waiting, print what is missing this often
     can_grow: bool = True  # nodes may join (a cluster); False (a local Ray): no fit is an error at once
     progress: bool = False  # pass a `progress=` handle to the constructor (see module doc)
+    retries: int = 2  # tries more for an item whose actor died (each on a new actor)
     options: dict = field(default_factory=dict)  # extra actor options (scheduling_strategy, runtime_env ...)
 
 
@@ -188,20 +191,23 @@ def run_pool(worker_cls: type, actor_args: tuple, items: Sequence[Item], spec: P
     actors = [actor_cls.remote(*actor_args, **kwargs) for _ in range(n)]
     outcomes: list[Outcome] = []
     pending: dict = {}  # ref -> (item, actor, payload ref, start)
-    dead: list = []
+    deaths: dict[str, int] = {}  # item key -> how many of its actors died
+
+    def finish(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
+
+    def drain() -> None:
+        if sink is not None and on_progress is not None:
+            for key, units in ray.get(sink.drain.remote()).items():
+                on_progress(key, units)
+
     try:
         _wait_for_first(actors, spec)
         idle = list(actors)
-        actors_left = len(actors)
         position = 0
         while position < len(queue) or pending:
-            if actors_left == 0:  # every actor died: the rest fail rather than wait forever
-                for item in queue[position:]:
-                    outcome = Outcome(item.key, error="not run: every worker died")
-                    outcomes.append(outcome)
-                    if on_done is not None:
-                        on_done(outcome)
-                break
             while idle and position < len(queue):
                 item = queue[position]
                 position += 1
@@ -209,41 +215,46 @@ def run_pool(worker_cls: type, actor_args: tuple, items: Sequence[Item], spec: P
                 try:
                     box = ray.put(item.load() if item.load is not None else item.payload)
                 except Exception as err:  # noqa: BLE001 - an unreadable input fails its item only
-                    outcome = Outcome(item.key, error=f"{type(err).__name__}: {err}")
                     idle.append(actor)
-                    outcomes.append(outcome)
-                    if on_done is not None:
-                        on_done(outcome)
+                    finish(Outcome(item.key, error=f"{type(err).__name__}: {err}"))
                     continue
                 ref = getattr(actor, spec.method).remote(box)
                 pending[ref] = (item, actor, box, time.monotonic())
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5 if sink is not None else None)
-            if sink is not None and on_progress is not None:
-                for key, units in ray.get(sink.drain.remote()).items():
-                    on_progress(key, units)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)  # short: Ctrl-C lands between waits
+            drain()
             for ref in done:
                 item, actor, box, start = pending.pop(ref)
                 outcome = Outcome(item.key, seconds=time.monotonic() - start)
                 try:
                     outcome.value = ray.get(ref)
                     idle.append(actor)
-                except ray.exceptions.RayActorError as err:  # the actor died (OOM, node lost): its item failed
-                    outcome.error = f"worker died: {str(err).splitlines()[0]}"
-                    actors_left -= 1  # the dead actor takes no more items
-                    dead.append(actor)
+                except ray.exceptions.RayActorError as err:  # the actor died (OOM, node lost, killed)
+                    deaths[item.key] = deaths.get(item.key, 0) + 1
+                    why = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    actors.remove(actor)
+                    ray.kill(actor)
+                    retry = deaths[item.key] <= spec.retries
+                    print(f"workpool: a worker died running {item.key} ({why}); "
+                          + (f"a new worker runs it again (try {deaths[item.key] + 1} of {spec.retries + 1})"
+                             if retry else "no tries left"), file=sys.stderr, flush=True)
+                    if retry or position < len(queue):  # a new actor keeps the pool at its size
+                        fresh = actor_cls.remote(*actor_args, **kwargs)
+                        actors.append(fresh)
+                        idle.append(fresh)
+                    if retry:
+                        queue.insert(position, item)  # next in line
+                        del box, ref
+                        continue
+                    outcome.error = f"worker died {deaths[item.key]} times: {why}"
                 except Exception as err:  # noqa: BLE001 - RayTaskError wraps the worker's exception
                     cause = getattr(err, "cause", None) or err
                     outcome.error = f"{type(cause).__name__}: {cause}"
                     idle.append(actor)
                 del box, ref  # the payload leaves the object store once nothing holds it
-                outcomes.append(outcome)
-                if on_done is not None:
-                    on_done(outcome)
-        if sink is not None and on_progress is not None:
-            for key, units in ray.get(sink.drain.remote()).items():
-                on_progress(key, units)
+                finish(outcome)
+        drain()
         if at_end is not None:
-            at_end([a for a in actors if a not in dead])
+            at_end(list(actors))
     finally:
         for a in actors:
             ray.kill(a)

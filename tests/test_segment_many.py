@@ -76,7 +76,9 @@ def no_ray_address(monkeypatch):
 def test_two_workers_give_the_single_video_masks(tmp_path, ray_2cpu, one_thread):
     """A DAVIS folder on 2 actors = the one-video form per video, with the same settings (one thread
     each; at most near-tie pixels may differ); segment.json holds each video's statistics."""
-    from pipeline.segment.sources import dataset_jobs, load_given
+    from pipeline.segment.listing import dataset_jobs
+    from pipeline.segment.sources import load_given
+    from pipeline.segment.tree import Inputs, Tree
 
     names = builtin_davis(tmp_path / "davis", videos=4, frames=8)
     ckpt = tiny_checkpoint(tmp_path / "stm.pt")
@@ -88,7 +90,7 @@ def test_two_workers_give_the_single_video_masks(tmp_path, ray_2cpu, one_thread)
     assert summary["summary"]["done"] == 4 and summary["summary"]["failed"] == 0
     pids = {summary["videos"][n]["worker_pid"] for n in names}
     assert len(pids) == 2  # both actors took videos
-    jobs = {j.name: j for j in dataset_jobs(str(tmp_path / "davis"), tmp_path / "davis")}
+    jobs = {j.name: j for j in dataset_jobs(Tree.scan(tmp_path / "davis"))[0]}
     differ = total = 0
     for name in names:
         record = summary["videos"][name]
@@ -96,7 +98,7 @@ def test_two_workers_give_the_single_video_masks(tmp_path, ray_2cpu, one_thread)
         assert record["memory_entries"] >= 2 and record["peak_memory_mb"] >= 0
         assert (out / f"{name}.mp4").stat().st_size > 0
         # the one-video form, fed the same starting masks (the objects each annotated frame introduces)
-        given, _ = load_given(jobs[name], tmp_path / "davis", (64, 64))
+        given, _ = load_given(jobs[name], Inputs(str(tmp_path / "davis")), (64, 64))
         masks = tmp_path / "given" / name
         for t, ids in given.items():
             write_index_mask(masks / f"{t:05d}.png", ids.numpy())

@@ -10,8 +10,11 @@ first-frame index mask clip.png beside it, or a folder clip/ of masks named by f
 objects that enter later. OUT (a folder, or a store URI such as s3://bucket/run) receives
 OUT/<video>/<frame>.png palette masks, OUT/segment.json (per video: frames, objects, seconds,
 frames/s, memory entries, peak memory, or the error naming the file) and with --overlay
-OUT/<video>.mp4. A re-run skips complete videos (--force redoes them). Exit code 1: some videos
-failed (named in segment.json and the log). See docs/segment.md.
+OUT/<video>.mp4. A re-run skips a complete video only when its checkpoint, settings and input files
+are the same (--force redoes them). Exit code 1: some videos failed (named in segment.json and the
+log); 130/143: stopped by SIGINT/SIGTERM (the videos it was running marked interrupted). --device
+auto (default): GPU actors when the cluster has or can add GPUs. --max-size defaults to 1280 here
+(0: the source's size). See docs/segment.md.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from stm_core import segment as single
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     single.add_arguments(parser, frames_required=False)
+    # auto: the many-video form asks the cluster (its GPUs, or those its autoscaler can add); the
+    # one-video form this machine's torch
+    parser.set_defaults(device="auto")
     many = parser.add_argument_group("many videos (pipeline.segment, on Ray)")
     many.add_argument("--dataset", help="DAVIS or YouTube-VOS root (a folder or a store URI)")
     many.add_argument("--videos", help="folder (or store URI) of video files, each with <name>.png or <name>/ masks")
@@ -38,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     many.add_argument("--gpus-per-worker", type=float, default=None,
                       help="GPUs per actor (default: 1 with --device cuda, 0 on cpu)")
     many.add_argument("--overlay", action="store_true", help="also write OUT/<video>.mp4, masks over frames")
+    many.add_argument("--fps", type=float, default=None,
+                      help="--dataset overlays' frame rate (default: the dataset's: DAVIS 24, YouTube-VOS 30 over "
+                           "the step of its frame numbers, 6 for every 5th frame)")
     many.add_argument("--force", action="store_true", help="redo videos that are already complete in OUT")
     many.add_argument("--warn-memory-mb", type=float, default=2048.0,
                       help="warn (once per video) when the memory grows past this size (unbounded policies)")
@@ -50,4 +59,8 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.segment.stage import run as run_many
 
         return run_many(args)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return single.run(args)

@@ -1,11 +1,13 @@
 """Where a `stm segment` run writes: one folder per video, complete or absent; `segment.json`.
 
 `OUT/<video>/<frame>.png` palette masks, `OUT/<video>.mp4` (with `--overlay`), and in each video's
-folder a `.complete.json` record (its statistics and the run settings that made it). A local OUT:
+folder a `.complete.json` record (its statistics, the run settings that made it and the
+fingerprint of its input files). The folder and its overlay are one unit: published together,
+replaced together, and removed together when a redo fails. A local OUT:
 the folder is written under a hidden temp name and renamed into place, so it is there whole or not
 at all. A store URI (`s3://...`) has no rename: the folder is uploaded first and its record last,
-and only a folder with its record counts as complete. A re-run skips complete videos whose
-settings match.
+and only a folder with its record counts as complete. A re-run skips a complete video only when
+its record's settings and input fingerprint match (`why_redo`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,26 @@ class Output:
         except ValueError:
             return None
 
+    def discard(self, video: str) -> None:
+        """Remove the video's folder and overlay (an older output beside a failed redo). The record
+        goes first, so a crash midway leaves an incomplete folder, never a complete-looking one."""
+        if self.remote:
+            try:
+                fs, path = storage.filesystem(self.path(video, MARKER))
+                fs.delete_file(path)
+            except (FileNotFoundError, OSError):
+                pass
+            storage.delete_dir(self.path(video))
+            self.discard_overlay(video)
+            return
+        final = Path(self.location) / video
+        (final / MARKER).unlink(missing_ok=True)
+        if final.is_dir():
+            aside = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{video}-", dir=self.location))
+            os.replace(final, aside / video)
+            shutil.rmtree(aside, ignore_errors=True)
+        self.discard_overlay(video)
+
     def clean_partial(self) -> int:
         """Remove temp folders a killed run left behind (local OUT only). -> how many."""
         root = Path(self.location)
@@ -83,7 +105,9 @@ class Output:
             target = self.path(video)
             storage.delete_dir(target)  # an older, other-settings copy: its record goes first
             storage.upload_dir(staged, target)
-            if overlay is not None:
+            if overlay is None:  # an older unit's overlay does not belong to these masks
+                self.discard_overlay(video)
+            else:
                 import pyarrow.fs as pafs
 
                 fs, dest = storage.filesystem(self.path(f"{video}.mp4"))
@@ -98,6 +122,8 @@ class Output:
         final = Path(self.location) / video
         if overlay is not None:
             os.replace(overlay, Path(self.location) / f"{video}.mp4")
+        else:  # an older unit's overlay does not belong to these masks
+            self.discard_overlay(video)
         old = None
         if final.exists():  # --force or other settings: the old folder steps aside, then goes
             old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{video}-", dir=self.location))
@@ -106,11 +132,49 @@ class Output:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
+    def discard_overlay(self, video: str) -> None:
+        if not self.remote:
+            (Path(self.location) / f"{video}.mp4").unlink(missing_ok=True)
+            return
+        try:
+            fs, path = storage.filesystem(self.path(f"{video}.mp4"))
+            fs.delete_file(path)
+        except (FileNotFoundError, OSError):
+            pass
+
     def overlay_path(self, video: str, staged: Path) -> Path:
         """Where the overlay is encoded before it is published (a temp name next to OUT)."""
         if self.remote:
             return staged.parent / f"{staged.name}.mp4"
         return Path(self.location) / f"{TMP_PREFIX}{video}-{os.getpid()}.mp4"
+
+
+def why_redo(record: dict | None, key: dict, inputs: str) -> str | None:
+    """None when a complete video's record was made with these settings (`Settings.key()`) from
+    these input files; else what differs ("checkpoint_sha256", "inputs", "overlay", ...). A video
+    made with an overlay also serves a run without one (its masks are the same)."""
+    if record is None:
+        return "not done"
+    old = record.get("settings") or {}
+    for name, value in key.items():
+        if name == "overlay":
+            if value and not old.get("overlay"):
+                return "overlay"
+        elif old.get(name) != value:
+            return name
+    if record.get("inputs") != inputs:
+        return "inputs"
+    return None
+
+
+def earlier_records(out: Output) -> dict[str, dict]:
+    """The per-video records of the last `segment.json` in OUT ({} when none or unreadable)."""
+    data = out.read("segment.json")
+    try:
+        videos = json.loads(data)["videos"] if data else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return videos if isinstance(videos, dict) else {}
 
 
 def write_summary(out: Output, summary: dict) -> None:

@@ -1,10 +1,11 @@
 """The videos of a `stm segment` run: found on the driver, read frame by frame on a worker.
 
-Two layouts. `--dataset ROOT`: DAVIS or YouTube-VOS (stm_core.data.video), one folder of frames per
-video. `--videos DIR`: video files (`clip.mp4`), each with its first-frame index mask `clip.png`
+Listed on the driver by pipeline.segment.listing. Two layouts. `--dataset ROOT`: DAVIS or
+YouTube-VOS (stm_core.data.video), one folder of frames per video. `--videos DIR`: video files (`clip.mp4`), each with its first-frame index mask `clip.png`
 beside it, or a folder `clip/` of masks named by frame number (`00000.png`, `00120.png`, ...) for
 objects that enter later. A `VideoJob` names files relative to the root, so a worker on any node
-reads them from its own copy of the root (a store URI is cached per node).
+reads them itself (`tree.Inputs`: a store file is fetched when read, into a bounded per-process
+cache; nothing copies the root).
 
 At an annotated frame after the first, only the objects it introduces are taken from its mask
 (DAVIS annotates every frame: the ground truth of known objects is not fed back in).
@@ -13,6 +14,7 @@ At an annotated frame after the first, only the objects it introduces are taken 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.segment.tree import Inputs
 from stm_core.data.io import DataError, image_size, read_frame, read_index_mask, to_tensor
-from stm_core.data.video import read_davis, read_youtube_vos
-from stm_core.data.video_file import VIDEO_SUFFIXES, probe, read_frames
+from stm_core.data.video_file import check_complete, timed_frames
 
 SIZE_TOLERANCE = 2  # masks this many pixels off their frame's size are resized (as stm_core.data.video)
 
@@ -40,6 +42,8 @@ class VideoJob:
     length: int = 0  # frames (a video file's header count)
     fps: float = 25.0
     expected_mask: str = ""  # where the first-frame mask was looked for (for the error message)
+    cost: float = 0.0  # scheduling weight (longest first)
+    inputs: str = ""  # fingerprint of the input files (pipeline.segment.listing): a changed file redoes the video
 
     @property
     def source(self) -> str:
@@ -48,96 +52,34 @@ class VideoJob:
         return f"{self.root.rstrip('/')}/{rel}"
 
 
-# ----------------------------------------------------------------------------- the driver: find them
-
-def dataset_jobs(root: str, local: Path, fmt: str = "auto", split: str = "val", year: str = "2017",
-                 resolution: str = "480p", sequences: list[str] | None = None) -> list[VideoJob]:
-    """DAVIS or YouTube-VOS videos under `local` (the driver's copy of `root`)."""
-    if not local.is_dir():
-        raise DataError(f"{local}: dataset folder not found")
-    if fmt == "auto":
-        fmt = "davis" if (local / "JPEGImages").is_dir() else "youtube-vos"
-    if fmt == "davis":
-        videos = read_davis(local, split, year=year, resolution=resolution, sequences=sequences or None)
-    else:
-        videos = read_youtube_vos(local, split)
-        if sequences:
-            by_name = {v.name: v for v in videos}
-            missing = [s for s in sequences if s not in by_name]
-            if missing:
-                raise DataError(f"{local / split}: sequence(s) {missing} not found")
-            videos = [by_name[s] for s in sequences]
-    masks = f"Annotations/{resolution}" if fmt == "davis" else f"{split}/Annotations"
-    jobs = []
-    for seq in videos:
-        def rel(p: Path) -> str:
-            return p.relative_to(local).as_posix()
-
-        jobs.append(VideoJob(name=seq.name, root=root, frames=[rel(p) for p in seq.frames],
-                             annotations={t: rel(p) for t, p in seq.annotations.items()},
-                             object_frames=seq.object_frames, length=len(seq),
-                             expected_mask=f"{masks}/{seq.name}/{seq.frames[0].stem}.png"))
-    return jobs
-
-
-def video_file_jobs(root: str, local: Path, names: list[str] | None = None) -> list[VideoJob]:
-    """Video files in `local` with their masks (`<name>.png` and/or `<name>/<frame number>.png`).
-    A video without any mask is still listed: its worker reports the missing first-frame mask."""
-    if not local.is_dir():
-        raise DataError(f"{local}: videos folder not found")
-    files = sorted(p for p in local.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
-    if names:
-        missing = [n for n in names if n not in {p.stem for p in files}]
-        if missing:
-            raise DataError(f"{local}: video(s) {missing} not found (looked for {', '.join(VIDEO_SUFFIXES)})")
-        files = [p for p in files if p.stem in names]
-    if not files:
-        raise DataError(f"{local}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
-    jobs = []
-    for path in files:
-        annotations: dict[int, str] = {}
-        folder = local / path.stem
-        if folder.is_dir():
-            for mask in sorted(folder.glob("*.png")):
-                if not mask.stem.isdigit():
-                    raise DataError(f"{mask}: masks of {path.name} are named by frame number (00000.png, 00120.png)")
-                annotations[int(mask.stem)] = f"{path.stem}/{mask.name}"
-        if (local / f"{path.stem}.png").is_file():
-            annotations.setdefault(0, f"{path.stem}.png")
-        jobs.append(VideoJob(name=path.stem, root=root, video=path.name, annotations=annotations,
-                             expected_mask=f"{path.stem}.png"))
-    return jobs
-
-
-def measure(job: VideoJob, local: Path) -> None:
-    """Fill in a video file's length and rate from its header (cheap); DataError if unreadable."""
-    if job.video:
-        info = probe(local / job.video)
-        job.length, job.fps = info.frames, info.fps
-
-
-def object_count(job: VideoJob, local: Path) -> int:
-    """Objects in the first annotation (a scheduling hint; 1 when unknown)."""
-    if job.object_frames:
-        return len(job.object_frames)
-    first = job.annotations.get(min(job.annotations, default=-1))
-    if first is None:
-        return 1
-    try:
-        with Image.open(local / first) as im:
-            return max(1, int(np.count_nonzero(np.unique(np.asarray(im)))))
-    except OSError:
-        return 1
-
-
 # ----------------------------------------------------------------------------- the worker: read them
 
-def frame_size(job: VideoJob, local: Path) -> tuple[int, int]:
-    """(H, W) of the video's frames."""
+def object_count(job: VideoJob) -> int:
+    """Objects of the video when the listing knows them (YouTube-VOS meta), else 1: a scheduling
+    hint that reads no file."""
+    return len(job.object_frames) if job.object_frames else 1
+
+
+@contextmanager
+def named(inputs: Inputs) -> Iterator[None]:
+    """Errors name store files by their URI, not by this process's cached copy."""
+    try:
+        yield
+    except DataError as err:
+        raise DataError(inputs.unname(str(err))) from err
+
+
+def measure(job: VideoJob, inputs: Inputs) -> tuple[int, int]:
+    """Fill in a video file's length and rate from its header; -> (H, W) of the frames (upright).
+    DataError naming the file if unreadable or truncated (its packets are read, not decoded: a
+    truncated file fails before any frame is segmented)."""
     if job.video:
-        info = probe(local / job.video)
+        with named(inputs):
+            info = check_complete(inputs.path(job.video))
+        job.length, job.fps = info.frames, info.fps
         return info.height, info.width
-    return image_size(local / job.frames[0])
+    with named(inputs):
+        return image_size(inputs.path(job.frames[0]))
 
 
 def frame_names(job: VideoJob) -> Iterator[str]:
@@ -151,17 +93,19 @@ def frame_names(job: VideoJob) -> Iterator[str]:
             t += 1
 
 
-def stream_frames(job: VideoJob, local: Path) -> Iterator[torch.Tensor]:
-    """Frames as float `3 x H x W` in [0, 1], one at a time (as `stm segment --frames` reads them)."""
-    if job.video:
-        for image in read_frames(local / job.video):
-            yield to_tensor(image)
-    else:
-        for rel in job.frames:
-            yield read_frame(local / rel)
+def stream_frames(job: VideoJob, inputs: Inputs) -> Iterator[tuple[torch.Tensor, float | None]]:
+    """(frame as float `3 x H x W` in [0, 1], its time in seconds or None), one at a time (as
+    `stm segment --frames` reads them); a video file's frames upright and with their own times."""
+    with named(inputs):
+        if job.video:
+            for image, when in timed_frames(inputs.path(job.video)):
+                yield to_tensor(image), when
+        else:
+            for rel in job.frames:
+                yield read_frame(inputs.path(rel)), None
 
 
-def load_given(job: VideoJob, local: Path, size: tuple[int, int],
+def load_given(job: VideoJob, inputs: Inputs, size: tuple[int, int],
                ) -> tuple[dict[int, torch.Tensor], list[int] | None]:
     """The masks the network starts from: {frame: H x W ids} of the objects each annotated frame
     introduces, and the first mask's palette. Errors name the mask file."""
@@ -172,12 +116,13 @@ def load_given(job: VideoJob, local: Path, size: tuple[int, int],
     seen: set[int] = set()
     palette = None
     for t in sorted(job.annotations):
-        path = local / job.annotations[t]
+        path = inputs.where(job.annotations[t])
         if job.length and t >= job.length:
             raise DataError(f"{path}: annotates frame {t}, but {job.source} has {job.length} frames")
-        ids = read_index_mask(path)
+        with named(inputs):
+            ids = read_index_mask(inputs.path(job.annotations[t]))
         if palette is None:
-            with Image.open(path) as im:
+            with Image.open(inputs.path(job.annotations[t])) as im:
                 palette = im.getpalette() if im.mode == "P" else None
         if ids.shape != size:
             if max(abs(ids.shape[0] - size[0]), abs(ids.shape[1] - size[1])) > SIZE_TOLERANCE:

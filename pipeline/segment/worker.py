@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pipeline import storage
 from pipeline.segment.outputs import Output, draw_overlay, palette_array
-from pipeline.segment.sources import VideoJob, frame_names, frame_size, load_given, stream_frames
+from pipeline.segment.sources import VideoJob, frame_names, load_given, measure, stream_frames
+from pipeline.segment.tree import Inputs
 from stm_core.data.io import DataError, index_mask_png
 from stm_core.inference import InferenceCore, memory_bytes, memory_entries, probabilities_to_mask
 from stm_core.model.checkpoint import load_checkpoint
@@ -31,7 +31,8 @@ CHECK_MEMORY_EVERY = 25  # frames between checks of the memory's size against th
 
 @dataclass
 class Settings:
-    """What makes a video's masks what they are (a re-run skips videos made with the same)."""
+    """What makes a video's outputs what they are: a re-run skips a video only when its record holds
+    the same key() (and the same input fingerprint; pipeline.segment.outputs.why_redo)."""
 
     checkpoint: str
     checkpoint_sha256: str
@@ -40,6 +41,8 @@ class Settings:
     max_size: int | None
     device: str
     timed_kernels: bool = False
+    resolution: str = ""  # DAVIS resolution folder ("" for video files)
+    overlay: bool = False  # OUT/<video>.mp4 is part of the video's output
 
     def key(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "device")}
@@ -55,7 +58,7 @@ class SegmentWorker:
 
         # As the single-video form: the same CPU convolution kernels every run unless asked to time them.
         set_winograd_mode("auto" if settings.timed_kernels else "off")
-        self.settings, self.out, self.overlay = settings, Output(out), overlay
+        self.settings, self.out, self.overlay = settings, Output(out), overlay or settings.overlay
         self.warn_bytes = warn_memory_mb * 2**20
         self.progress = progress
         self.device = torch.device(settings.device)
@@ -67,9 +70,14 @@ class SegmentWorker:
 
     def run(self, job: VideoJob) -> dict:
         """Segment one video and publish its folder; -> its record. Raises DataError naming the file."""
-        local = storage.local_or_cached(job.root)
-        size = frame_size(job, local)
+        local = Inputs(job.root)  # a store file is fetched when read, into this process's bounded cache
+        size = measure(job, local)
         given, palette = load_given(job, local, size)
+        if self.settings.max_size and max(size) > self.settings.max_size:  # said once per video: masks stay full size
+            scale = self.settings.max_size / max(size)
+            print(f"stm segment: {job.name}: {size[1]}x{size[0]} frames are segmented at "
+                  f"{round(size[1] * scale)}x{round(size[0] * scale)} (--max-size {self.settings.max_size}); masks are "
+                  f"written at {size[1]}x{size[0]}", file=sys.stderr, flush=True)
         colours = palette_array(palette)
         staged = self.out.staging(job.name)
         overlay_file = self.out.overlay_path(job.name, staged) if self.overlay else None
@@ -95,7 +103,7 @@ class SegmentWorker:
                 overlay_file.unlink(missing_ok=True)
             raise
 
-    def _segment(self, job: VideoJob, local, size: tuple[int, int], given: dict[int, torch.Tensor],
+    def _segment(self, job: VideoJob, local: Inputs, size: tuple[int, int], given: dict[int, torch.Tensor],
                  palette: list[int] | None, colours: np.ndarray, staged, writer) -> dict:
         s = self.settings
         release_free_heap()
@@ -113,7 +121,7 @@ class SegmentWorker:
         t = -1
         names = frame_names(job)
         try:
-            for t, frame in enumerate(stream_frames(job, local)):  # frame: 3 x H x W in [0, 1]
+            for t, (frame, when) in enumerate(stream_frames(job, local)):  # frame: 3 x H x W in [0, 1]
                 if tuple(frame.shape[-2:]) != size:
                     raise DataError(f"{job.source}: frame {t} is {frame.shape[-1]}x{frame.shape[-2]}, the first "
                                     f"frame {size[1]}x{size[0]} (W x H)")
@@ -129,7 +137,7 @@ class SegmentWorker:
                 (staged / f"{next(names)}.png").write_bytes(index_mask_png(ids_np, palette))
                 if writer is not None:
                     image = (frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                    writer.write(draw_overlay(image, ids_np, colours))
+                    writer.write(draw_overlay(image, ids_np, colours), when)  # the source's own times
                 unreported += 1
                 if unreported >= REPORT_EVERY:
                     self._report(job.name, unreported)
@@ -158,7 +166,8 @@ class SegmentWorker:
                 "peak_memory_mb": round(peak / 2**20, 1),
                 "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "rss_growth",
                 "rss_mb": rss_mb, "warnings": warnings, "source": job.source,
-                "node": _node_id(), "worker_pid": os.getpid(), "settings": s.key()}
+                "node": _node_id(), "worker_pid": os.getpid(), "settings": s.key(),
+                "inputs": job.inputs}
 
 
 def memory_warning(video: str, policy: str, nbytes: int, frames: int) -> str:

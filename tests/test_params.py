@@ -245,7 +245,7 @@ def test_strmn_rules_come_from_one_list_and_unknown_rules_name_the_file(tmp_path
 
 def test_a_rule_fine_tuning_says_what_it_derives_from_strmn(caplog):
     """strmn.main_steps sets the fine-tuning's steps and cuts its warm-up: logged, not silent."""
-    with caplog.at_level("INFO", logger="pipeline.train.strmn_settings"):
+    with caplog.at_level("INFO", logger="pipeline.train"):
         s = settings("params.yaml", "main", "strmn", rule="B")
     assert s.strmn.rule == "B" and s.stage_params.steps == s.strmn.main_steps
     assert s.stage_params.warmup_steps <= s.strmn.main_steps // 4

@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -206,6 +207,8 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
     writer = outputs.ResultsWriter(results_dir)
     records = ItemRecords(records_dir(results_dir))
     status = "FAILED"
+    monitor = ExitStack()  # this node's CPU, memory (and GPU) use as the parent's system/ metrics
+    monitor.enter_context(tracking.system_metrics(uri, parent_id))
     try:
         link_inputs(uri, parent_id, p, models)
         first = videos[0].name
@@ -234,6 +237,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
         return {"parent_run_id": parent_id, "metrics": outputs.metrics_json(summaries)}  # all METRICS
     finally:
         writer.close()
+        monitor.close()
         tracking.finish_run(uri, parent_id, status)
         if started_ray:
             ray.shutdown()

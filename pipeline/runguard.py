@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -95,6 +96,42 @@ def stop_on_signals(what: str) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def remove_partial(paths: Iterable[Path | str]) -> None:
+    """Delete what a stopped stage left half-written: folders, files, store URIs."""
+    for path in paths:
+        try:
+            if storage.is_uri(str(path)):
+                storage.delete_dir(str(path))
+            elif Path(path).is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
+        except OSError as err:  # the stop goes on: say what is left
+            print(f"could not remove the partial output {path}: {err}", file=sys.stderr)
+
+
+def run_stoppable(what: str, body: Callable[[], int],
+                  partial: Callable[[], Iterable[Path | str]] = lambda: ()) -> int:
+    """Run a stage's `body` (-> exit code) so that SIGINT / SIGTERM stop it: `Stopped` unwinds the
+    stage (its `finally` blocks end the MLflow run, KILLED through `tracking.finish_run`, and shut
+    Ray down), then the paths `partial()` names are removed and the process exits 130 / 143 at once
+    (no interpreter teardown under a helper thread still in native code). Every `stm` stage that
+    runs for long calls its work through this; `stm segment` likewise:
+    `return run_stoppable("stm segment", lambda: segment(args), lambda: [partial folders])`."""
+    try:
+        with stop_on_signals(what):
+            code = body()
+    except KeyboardInterrupt as err:  # Ray's blocking calls turn the handler's Stopped into a plain one
+        stop = err if isinstance(err, Stopped) else Stopped(_signal[0] if _signal else signal.SIGINT)
+        remove_partial(partial())
+        print(f"{what}: {stop}", file=sys.stderr)
+        exit_now(stop.exit_code)
+    if stop_requested():  # the body caught the stop itself (stm train) and returned its exit code
+        remove_partial(partial())
+        exit_now(code)
+    return code
 
 
 def call_interruptibly(fn: Callable[[], T], wait_after_stop: float = 0.0) -> T:

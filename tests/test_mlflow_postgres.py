@@ -45,8 +45,9 @@ def as_postgres(*args: str) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args]
 
 
-def start_postgres(base: Path, procs: lb.Processes) -> tuple[str, Path]:
-    """-> (the backend URI, the data dir). Trust on loopback only; a fresh cluster in `base`."""
+def start_postgres(base: Path) -> tuple[str, Path]:
+    """-> (the backend URI, the data dir). Trust on loopback only; a fresh cluster in `base` (not
+    under the Processes marker: stopping the cluster and MLflow must leave the database up)."""
     bindir = postgres_bin()
     data, sock = base / "pg", base / "pgsock"
     for d in (data, sock):
@@ -83,8 +84,9 @@ def request(url: str, auth: tuple[str, str] | None = None) -> int:
 
 def test_pipeline_on_two_nodes_logs_to_an_authenticated_server_on_postgres():
     base = Path(tempfile.mkdtemp(prefix="stmpg-", dir="/tmp"))
-    base.chmod(0o755)  # the postgres user reaches its folders
     procs = lb.Processes(str(base))
+    pg_base = Path(tempfile.mkdtemp(prefix="stmdb-", dir="/tmp"))
+    pg_base.chmod(0o755)
     data = None
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "PATH": f"{lb.BIN}:{os.environ.get('PATH', '')}"}
@@ -92,7 +94,7 @@ def test_pipeline_on_two_nodes_logs_to_an_authenticated_server_on_postgres():
                 "DVC_ROOT"):
         env.pop(key, None)
     try:
-        backend, data = start_postgres(base, procs)
+        backend, data = start_postgres(pg_base)
         port = lb.free_port()
         server_env = {**env, "MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_REQUIRE_DATABASE": "1",
                       "MLFLOW_ARTIFACTS_DESTINATION": str(base / "artifacts"), "MLFLOW_DATA_DIR": str(base / "mlflow"),
@@ -153,4 +155,5 @@ def test_pipeline_on_two_nodes_logs_to_an_authenticated_server_on_postgres():
             stop_postgres(data)
         left = procs.leftovers()
         shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(pg_base, ignore_errors=True)
     assert not left, f"processes left running: {left}"

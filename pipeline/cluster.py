@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,7 +39,13 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     else:
         log.info("Ray: connecting to the cluster at RAY_ADDRESS=%s", address)
     options.update(kwargs)
-    return ray.init(**options)
+    previous = signal.getsignal(signal.SIGTERM)
+    context = ray.init(**options)
+    # ray.init sets its own SIGTERM handler (sys.exit(15)): a stage's own (pipeline/runguard.py:
+    # stop, end the run KILLED, exit 143) stays in place
+    if callable(previous) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
+    return context
 
 
 def on_driver_node() -> dict:

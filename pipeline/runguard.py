@@ -11,23 +11,25 @@ checkpoints already written.
 lands in the main thread even while `fn` blocks in native code, and libraries that install their
 own SIGINT handler from the main thread (Ray Train's `fit` does) cannot take it over.
 
-`RunLock(location, name, stage)`: a lock file `<location>/<name>.lock` ({pid, host, stage, ...},
-written atomically) beside the run's checkpoints, on a local path or a store URI. A second process
-of the same run is refused with an error naming the holder; a lock whose process is gone (same
-host, pid not alive) or whose holder on another host stopped refreshing it is stale and taken over.
+`RunLock(location, name, stage)`: a lock file `<location>/<name>.lock` ({pid, host, stage, ...})
+beside the run's checkpoints, on a local path or a store URI, created atomically (a hard link; on
+S3 a conditional create). A second process of the same run is refused with an error naming the
+holder; a lock whose process is gone (same host) or not refreshed (other hosts) is taken over. A
+holder whose lock was taken over stops its work (see `RunLock`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -97,6 +99,42 @@ def stop_on_signals(what: str) -> Iterator[None]:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+def remove_partial(paths: Iterable[Path | str]) -> None:
+    """Delete what a stopped stage left half-written: folders, files, store URIs."""
+    for path in paths:
+        try:
+            if storage.is_uri(str(path)):
+                storage.delete_dir(str(path))
+            elif Path(path).is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
+        except OSError as err:  # the stop goes on: say what is left
+            print(f"could not remove the partial output {path}: {err}", file=sys.stderr)
+
+
+def run_stoppable(what: str, body: Callable[[], int],
+                  partial: Callable[[], Iterable[Path | str]] = lambda: ()) -> int:
+    """Run a stage's `body` (-> exit code) so that SIGINT / SIGTERM stop it: `Stopped` unwinds the
+    stage (its `finally` blocks end the MLflow run, KILLED through `tracking.finish_run`, and shut
+    Ray down), then the paths `partial()` names are removed and the process exits 130 / 143 at once
+    (no interpreter teardown under a helper thread still in native code). Every `stm` stage that
+    runs for long calls its work through this; `stm segment` likewise:
+    `return run_stoppable("stm segment", lambda: segment(args), lambda: [partial folders])`."""
+    try:
+        with stop_on_signals(what):
+            code = body()
+    except KeyboardInterrupt as err:  # Ray's blocking calls turn the handler's Stopped into a plain one
+        stop = err if isinstance(err, Stopped) else Stopped(_signal[0] if _signal else signal.SIGINT)
+        remove_partial(partial())
+        print(f"{what}: {stop}", file=sys.stderr)
+        exit_now(stop.exit_code)
+    if stop_requested():  # the body caught the stop itself (stm train) and returned its exit code
+        remove_partial(partial())
+        exit_now(code)
+    return code
+
+
 def call_interruptibly(fn: Callable[[], T], wait_after_stop: float = 0.0) -> T:
     """fn() in a daemon thread; the main thread waits on an event in short waits, where a signal
     handler's `Stopped` is raised (not in Thread.join: a join interrupted by a signal can report a
@@ -150,16 +188,72 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class RunLock:
-    """`<location>/<name>.lock` while this process runs the stage; `with RunLock(...):`."""
+class LockLost(RuntimeError):
+    """Another process took this run's lock over: this one must stop writing the run."""
 
-    def __init__(self, location: str, name: str, stage: str):
+
+def stop_this_process(message: str) -> None:
+    """The default reaction to a lost lock: say so, then SIGTERM to this process, so the stage stops
+    the way a user's `kill -TERM` stops it (run KILLED, exit 143) and writes no more checkpoints."""
+    print(message, file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _S3Object:
+    """One S3 object written only under a precondition: create if absent (`If-None-Match: *`),
+    replace or delete only the version last seen (`If-Match: <ETag>`), so two writers never both win."""
+
+    def __init__(self, uri: str):
+        import boto3
+
+        self.bucket, _, self.key = uri[len("s3://"):].partition("/")
+        self.client = boto3.client("s3", endpoint_url=storage.endpoint())
+
+    def put(self, data: bytes, etag: str | None) -> str | None:
+        """-> the new ETag, or None when the precondition failed (someone else's object is there)."""
+        from botocore.exceptions import ClientError
+
+        cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data, **cond)["ETag"]
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            raise
+
+    def get(self) -> tuple[bytes, str] | None:
+        try:
+            out = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return out["Body"].read(), out["ETag"]
+
+    def delete(self, etag: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+        except ClientError:
+            pass  # not ours any more (taken over), or gone already
+
+
+class RunLock:
+    """`<location>/<name>.lock` while this process runs the stage; `with RunLock(...):`. On S3 a
+    stale lock is replaced conditionally on its version (`If-Match`): of two takers one wins. Each
+    heartbeat rewrites only this process's version; taken over, it calls `on_lost` (default: SIGTERM
+    to itself: the stage stops, its run ends KILLED). gs:// gets a plain write, read back."""
+
+    def __init__(self, location: str, name: str, stage: str,
+                 on_lost: Callable[[str], None] = stop_this_process, heartbeat_s: float = HEARTBEAT_S):
         self.stage = stage
         self.uri = storage.join(location, f"{name}.lock") if storage.is_uri(location) else None
         self.path = None if self.uri else Path(location) / f"{name}.lock"
         if self.uri and self.uri.startswith("file://"):  # a shared mount: the local path's O_EXCL works there
             self.path, self.uri = Path(storage.filesystem(self.uri)[1]), None
+        self.s3 = _S3Object(self.uri) if self.uri and self.uri.startswith("s3://") else None
+        self.etag: str | None = None  # S3: the version of the lock this process wrote last
         self.token = uuid.uuid4().hex
+        self.on_lost, self.heartbeat_s, self.lost = on_lost, heartbeat_s, False
         self._beat: threading.Thread | None = None
         self._done = threading.Event()
 
@@ -179,15 +273,24 @@ class RunLock:
                 "command": " ".join(sys.argv)[:500]}
 
     # -- reading and judging a lock
-    def read(self) -> dict | None:
+    def _raw(self) -> tuple[bytes, str | None] | None:
         try:
-            data = storage.read_bytes(self.uri) if self.uri else self._file.read_bytes()
+            if self.s3 is not None:
+                return self.s3.get()
+            return (storage.read_bytes(self.uri) if self.uri else self._file.read_bytes()), None
         except (FileNotFoundError, OSError):
             return None
+
+    @staticmethod
+    def _parse(data: bytes) -> dict:
         try:
             return json.loads(data)
         except ValueError:
             return {"pid": -1, "host": "?", "heartbeat": 0.0}  # half-written by a crash: stale
+
+    def read(self) -> dict | None:
+        raw = self._raw()
+        return None if raw is None else self._parse(raw[0])
 
     @staticmethod
     def alive(holder: dict) -> bool:
@@ -203,15 +306,21 @@ class RunLock:
 
     # -- taking and giving back
     def acquire(self) -> RunLock:
-        holder = self.read()
+        raw = self._raw()
+        holder = None if raw is None else self._parse(raw[0])
         if holder is not None and self.alive(holder):
             raise self._refuse(holder)
         if holder is not None:
             print(f"run lock {self.where}: taking over a stale lock of process {holder.get('pid')} on "
                   f"{holder.get('host')}", file=sys.stderr)
-            self._delete()
+            if self.s3 is None:
+                self._delete()
         data = json.dumps(self.record()).encode()
-        if self.uri:  # object stores: one PUT is atomic; read back to see who won a race
+        if self.s3 is not None:  # create if absent, or replace exactly the stale version read above
+            self.etag = self.s3.put(data, raw[1] if raw is not None else None)
+            if self.etag is None:
+                raise self._refuse(self.read() or {})
+        elif self.uri:  # a store without conditional writes: one PUT, read back to see who won a race
             storage.write_bytes(self.uri, data)
             time.sleep(0.2)
             now = self.read()
@@ -231,13 +340,25 @@ class RunLock:
         self._beat.start()
         return self
 
+    def _lose(self, holder: dict | None) -> None:
+        self.lost = True
+        who = f"process {holder.get('pid')} on {holder.get('host')}" if holder else "no one (it was deleted)"
+        self.on_lost(f"run lock {self.where}: taken over by {who}; stopping this run's work")
+
     def _heartbeat(self) -> None:
-        while not self._done.wait(HEARTBEAT_S):
-            current = self.read()
-            if not current or current.get("token") != self.token:
-                return
-            record = {**current, "heartbeat": time.time()}
+        while not self._done.wait(self.heartbeat_s):
             try:
+                if self.s3 is not None:  # rewrite only the version this process wrote: else it was taken
+                    record = {**self.record(), "started": (self.read() or {}).get("started")}
+                    etag = self.s3.put(json.dumps(record).encode(), self.etag)
+                    if etag is None:
+                        return self._lose(self.read())
+                    self.etag = etag
+                    continue
+                current = self.read()
+                if not current or current.get("token") != self.token:
+                    return self._lose(current)
+                record = {**current, "heartbeat": time.time()}
                 if self.uri:
                     storage.write_bytes(self.uri, json.dumps(record).encode())
                 else:
@@ -259,6 +380,10 @@ class RunLock:
 
     def release(self) -> None:
         self._done.set()
+        if self.s3 is not None:
+            if self.etag and not self.lost:
+                self.s3.delete(self.etag)  # only the version this process wrote
+            return
         current = self.read()
         if current and current.get("token") == self.token:
             self._delete()

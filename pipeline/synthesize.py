@@ -290,6 +290,9 @@ def run_synthesize(params_file: str | Path, only: list[str] | None = None) -> li
                                                      f"{name}.clips_per_s": summary["clips_per_s"]}, step=0)
             results.append(summary)
         status = "FINISHED"
+    except KeyboardInterrupt:  # SIGINT / SIGTERM (runguard.Stopped; Ray re-raises it plain): stopped, not failed
+        status = "KILLED"
+        raise
     finally:
         if run_id:
             tracking.finish_run(uri, run_id, status)
@@ -305,11 +308,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import ClusterError
+    from pipeline.runguard import run_stoppable
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run_synthesize(args.params, args.sets)
-    except (ClusterError, storage.StorageError, DataError) as err:
-        print(f"stm synthesize: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> int:
+        try:
+            run_synthesize(args.params, args.sets)
+        except (ClusterError, storage.StorageError, DataError) as err:
+            print(f"stm synthesize: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+
+    return run_stoppable("stm synthesize", body, lambda: partial_sets(args.params))
+
+
+def partial_sets(params_file: str | Path) -> list[Path]:
+    """The half-written clip sets of this process (`.<set>.tmp-<pid>` beside each set)."""
+    out_root = in_project(workspace_root(params_file),
+                          section(load_params(params_file), "synthesize", SynthesizeParams).output)
+    return [p for p in out_root.glob(f"**/.*.tmp-{os.getpid()}") if p.is_dir()]

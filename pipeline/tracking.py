@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,3 +169,27 @@ class RunLogger:
     def tags(self, values: dict[str, str]) -> None:
         for key, value in values.items():
             self.client.set_tag(self.run_id, key, value)
+
+
+@contextmanager
+def system_metrics(uri: str, run_id: str) -> Iterator[None]:
+    """CPU, memory, disk, network and (with `nvidia-ml-py` and a GPU) GPU use of this node, logged as
+    `system/...` metrics of `run_id` while the block runs: the monitor `mlflow.start_run(...,
+    log_system_metrics=True)` starts, for a run this project creates with a client. Every
+    `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` s (default 10); a resumed run continues its steps."""
+    import logging
+
+    monitor = None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+        monitor.start()
+    except Exception as err:  # noqa: BLE001 - system metrics are informative: the stage runs without them
+        logging.getLogger("pipeline").warning("system metrics off for run %s: %s", run_id, err)
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()

@@ -37,7 +37,7 @@ def rayjob() -> dict[str, str]:
 def raycluster() -> dict[str, str]:
     spec = yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())["spec"]
     container = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # valueFrom: from a Secret
     submit = re.search(r"run-pipeline\.sh( \S+)?", (INFRA / "kuberay" / "raycluster.yaml").read_text())
     env["STM_PARAMS"] = (submit.group(1) or "").strip() or "params.yaml"
     return env

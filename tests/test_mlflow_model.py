@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from tests.test_segment_many import tiny_checkpoint
+from tests.test_train import write_params
 
 
 def test_registered_model_segments_like_inference_core(tmp_path: Path, monkeypatch) -> None:
@@ -19,16 +19,20 @@ def test_registered_model_segments_like_inference_core(tmp_path: Path, monkeypat
 
     from pipeline import tracking
     from pipeline.train import registry
+    from pipeline.train import settings as train_cmd
     from stm_core.inference import InferenceCore, probabilities_to_mask
     from stm_core.model.checkpoint import load_checkpoint
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ckpt = tiny_checkpoint(tmp_path / "out" / "model.pt")
-    run_id = tracking.create_run(uri, "test", "train-stm", {"x": 1}, {})
-    s = SimpleNamespace(kind="stm", stage="train", model_out=ckpt)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "data/raw/builtin-videos").mkdir(parents=True)
+    s = train_cmd.settings(write_params(tmp_path), "main", "stm")  # what `stm train --stage main` (dvc `train`) has
+    ckpt = tiny_checkpoint(s.model_out)
+    run_id = tracking.create_run(uri, "test", "train-main", {"x": 1}, {})
     start = time.monotonic()
-    record = registry.log_and_register(uri, run_id, None, s, "ckpts")
+    record = registry.log_and_register(uri, run_id, None, s, "ckpts", {"x": 1})
     took = time.monotonic() - start
     print(f"log_and_register: {took:.1f} s")
     assert took < 30, f"logging took {took:.1f} s"
@@ -37,8 +41,11 @@ def test_registered_model_segments_like_inference_core(tmp_path: Path, monkeypat
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = tracking.client(uri)
-    assert str(client.get_model_version_by_alias("STM", "latest-train").version) == record["version"]
-    model = mlflow.pyfunc.load_model("models:/STM@latest-train")
+    assert str(client.get_model_version_by_alias("STM", "latest-main").version) == record["version"]
+    version = client.get_model_version("STM", record["version"])
+    assert {k: version.tags[k] for k in ("stage", "rule", "params_digest")} == {
+        "stage": "main", "rule": "", "params_digest": registry.params_digest({"x": 1})}
+    model = mlflow.pyfunc.load_model("models:/STM@latest-main")
     meta = model.metadata
     assert meta.signature is not None and meta.saved_input_example_info is not None
     local = Path(mlflow.artifacts.download_artifacts(f"models:/STM/{record['version']}", dst_path=str(tmp_path / "dl")))

@@ -27,8 +27,12 @@
 #   MLFLOW_AUTH_DATABASE_URI      the users' database (default: MLFLOW_BACKEND_STORE_URI, one Postgres)
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF key shared by the workers (default: generated, kept in $MLFLOW_DATA_DIR)
 #
+#   MLFLOW_REQUIRE_DATABASE       1: refuse a sqlite (or missing) backend store: clusters keep runs in
+#                                 PostgreSQL, off the head, so they outlive `ray down` and take replicas
+#
 # The server runs in the foreground (a container's main process); background it with nohup
-# on a VM. `--dry-run` prints the command without starting anything.
+# on a VM, after `--check`, which validates the settings and says what is wrong (a backgrounded
+# server's refusal only reaches its log). `--dry-run` prints the command without starting anything.
 set -euo pipefail
 
 data_dir="${MLFLOW_DATA_DIR:-$HOME/mlflow-server}"
@@ -43,6 +47,10 @@ case "$backend" in
   *) echo "start-server.sh: MLFLOW_BACKEND_STORE_URI='$backend' is not a URI (e.g. sqlite:////abs/mlflow.db, postgresql://...)" >&2
      exit 2 ;;
 esac
+if [[ "${MLFLOW_REQUIRE_DATABASE:-0}" == "1" && "$backend" != postgresql* ]]; then
+  echo "start-server.sh: MLFLOW_REQUIRE_DATABASE=1 but the backend store is '${backend%%://*}://...': set MLFLOW_BACKEND_STORE_URI=postgresql://USER:PASSWORD@HOST:5432/DB (from the cluster's secret)" >&2
+  exit 2
+fi
 
 cmd=(mlflow server
      --backend-store-uri "$backend"
@@ -75,10 +83,10 @@ auth="${MLFLOW_AUTH:-basic-auth}"
 case "$auth" in
   basic-auth)
     if [[ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" && "${1:-}" != "--dry-run" ]]; then
-      echo "start-server.sh: MLFLOW_AUTH_ADMIN_PASSWORD is not set (the basic-auth admin's password; or MLFLOW_AUTH=none)" >&2
+      echo "start-server.sh: MLFLOW_AUTH_ADMIN_PASSWORD is not set (the basic-auth admin's password, from the cluster's secret; or MLFLOW_AUTH=none); not starting" >&2
       exit 2
     fi
-    [[ "${1:-}" == "--dry-run" ]] || write_auth_config
+    [[ "${1:-}" == "--dry-run" || "${1:-}" == "--check" ]] || write_auth_config
     cmd+=(--app-name basic-auth) ;;
   none) ;;
   *) echo "start-server.sh: MLFLOW_AUTH='$auth' (expected basic-auth or none)" >&2; exit 2 ;;
@@ -94,6 +102,10 @@ fi
 if [[ "${1:-}" == "--dry-run" ]]; then
   printf '%q ' "${cmd[@]}"
   echo
+  exit 0
+fi
+if [[ "${1:-}" == "--check" ]]; then
+  echo "start-server.sh: settings fine (backend ${backend%%://*}, auth $auth)" >&2
   exit 0
 fi
 # Local stores need their directories; remote ones (postgresql://, s3://) are the operator's.

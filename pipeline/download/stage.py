@@ -272,9 +272,26 @@ def run(args: argparse.Namespace) -> int:
         for s in REGISTRY.values():
             print(f"{s.name:28s} {s.layout:12s} {s.size_hint:>9s}  {s.homepage}")
         return 0
+    from pipeline.runguard import run_stoppable
+
+    def body() -> int:
+        try:
+            run_download(args.params, args.sources)
+        except (DownloadError, ParamsError, DataError) as err:
+            print(f"stm download: error: {err}", file=sys.stderr)
+            return 1
+        return 0
+
+    # Stopped: the source being built goes with its temp folder (build_into's finally); the
+    # archive in download.cache stays, so the next run resumes the transfer.
+    return run_stoppable("stm download", body, lambda: partial_builds(args.params))
+
+
+def partial_builds(params_file: str | Path) -> list[Path]:
+    """This process's half-built sources: `.<name>.partial-<pid>` beside each target."""
     try:
-        run_download(args.params, args.sources)
-    except (DownloadError, ParamsError, DataError) as err:
-        print(f"stm download: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        p, _ = read_params(load_params(params_file), None)
+    except (ParamsError, DataError):
+        return []
+    target_root = _local_path(p.root, workspace_root(params_file))
+    return list(target_root.glob(f".*.partial-{os.getpid()}"))

@@ -37,14 +37,21 @@ def log_children(uri: str, experiment: str, parent_id: str, tags: dict, summarie
     client = tracking.client(uri)
     now = int(time.time() * 1000)
     ids = {}
+    data_name, digest = dataset_name(p), dataset_digest(p)
     for v, s in zip(variants, summaries):
+        key = model_key(v, p.strmn_model)
+        used = {key: models[key]} if key in models else {}
         child_tags = {**tags, "mlflow.parentRunId": parent_id, "stm_role": "variant", "stm_variant": v.name,
-                      "stm_model": v.model, "stm_policy": v.policy, **model_tags({v.model: models[v.model]}
-                                                                                  if v.model in models else {})}
+                      "stm_model": v.model, "stm_policy": v.policy, **model_tags(used)}
         run_id = tracking.create_run(uri, experiment, v.name, variant_params(v, p, memory, models, len(s.results)),
                                      child_tags)
         values = outputs.metrics_json([s])[v.name]
-        client.log_batch(run_id, metrics=[Metric(k, float(x), now, 0) for k, x in values.items() if x is not None])
+        # Against the logged model it ran (MLflow 3): the model's page lists these scores per dataset.
+        model_id = next((info.get("model_id") for info in (model_info(path) for path, _ in used.values())), None)
+        client.log_batch(run_id, metrics=[Metric(k, float(x), now, 0, model_id=model_id or None,
+                                                 dataset_name=data_name if model_id else None,
+                                                 dataset_digest=digest if model_id else None)
+                                          for k, x in values.items() if x is not None])
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "sequences.csv").write_bytes(outputs.sequence_table(s))
             client.log_artifact(run_id, str(Path(tmp) / "sequences.csv"))
@@ -55,7 +62,7 @@ def log_children(uri: str, experiment: str, parent_id: str, tags: dict, summarie
                 for name, png in outputs.overlay_images(seq, overlay_frames, p.overlays).items():
                     (folder / name).write_bytes(png)
                 client.log_artifacts(run_id, str(folder), "overlays")
-        link_inputs(uri, run_id, p, {v.model: models[v.model]} if v.model in models else {})
+        link_inputs(uri, run_id, p, used)
         tracking.finish_run(uri, run_id)
         ids[v.name] = run_id
     return ids
@@ -97,13 +104,18 @@ def dataset_digest(p: EvaluateParams) -> str:
     return storage.fingerprint(Path(p.dataset))[:32]
 
 
+def dataset_name(p: EvaluateParams) -> str:
+    """`<benchmark folder>/<split>`: the name of the evaluation's dataset input."""
+    return f"{Path(p.dataset.rstrip('/')).name}/{p.split}"
+
+
 def link_inputs(uri: str, run_id: str, p: EvaluateParams, models: dict[str, tuple[str, bytes]]) -> None:
     """MLflow inputs of an evaluation run: the benchmark it read (name, split, digest, source) and
     the logged models it ran (MLflow shows the run under each model)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
 
     ids = [info["model_id"] for info in (model_info(path) for path, _ in models.values()) if info.get("model_id")]
-    name = f"{Path(p.dataset.rstrip('/')).name}/{p.split}"
+    name = dataset_name(p)
     source = p.dataset if storage.is_uri(p.dataset) else Path(p.dataset).resolve().as_uri()
     data = Dataset(name=name, digest=dataset_digest(p), source_type="uri" if storage.is_uri(p.dataset) else "local",
                    source=source)

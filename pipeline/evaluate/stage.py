@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -206,6 +207,8 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
     writer = outputs.ResultsWriter(results_dir)
     records = ItemRecords(records_dir(results_dir))
     status = "FAILED"
+    monitor = ExitStack()  # this node's CPU, memory (and GPU) use as the parent's system/ metrics
+    monitor.enter_context(tracking.system_metrics(uri, parent_id))
     try:
         link_inputs(uri, parent_id, p, models)
         first = videos[0].name
@@ -232,8 +235,12 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
         records.clear()  # everything is in results/ now
         status = "FINISHED"
         return {"parent_run_id": parent_id, "metrics": outputs.metrics_json(summaries)}  # all METRICS
+    except KeyboardInterrupt:  # SIGINT / SIGTERM (runguard.Stopped; Ray re-raises it plain): stopped, not failed
+        status = "KILLED"
+        raise
     finally:
         writer.close()
+        monitor.close()
         tracking.finish_run(uri, parent_id, status)
         if started_ray:
             ray.shutdown()
@@ -251,6 +258,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Stopped by SIGINT / SIGTERM: the run ends KILLED, results/.partial goes, and the finished items
+    (results.partial/) stay, so the same command goes on from them."""
+    from pipeline.runguard import run_stoppable
+
+    return run_stoppable("stm evaluate", lambda: _run(args), lambda: [args.results / ".partial"])
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         out = evaluate(args.params, args.results, args.metrics, args.plots)
     except (ParamsError, CheckpointError, DataError, MetricError, EvaluationError, PoolError, ValueError,

@@ -10,7 +10,8 @@ J, F and time per frame; then each policy sequence by sequence against First) an
 variant's full scores, and where the STM memory read looks (results/read_probe.json, when the
 evaluation probed it). The same inputs give
 the same bytes. Afterwards both files are attached to the evaluation's MLflow parent run (artifact
-folder `report`); that is a copy for browsing, and its failure only warns.
+folder `report`), and each registered model's best J&F version gets the alias `champion`; both are
+the browsing side, and their failure only warns.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from pipeline.report import probe_section
+from pipeline.report.champion import set_champions
 from pipeline.report.chart import render_chart
 from pipeline.report.markdown import render_markdown
 from pipeline.report.per_sequence import PerSequenceError, read_sequence_scores
@@ -50,6 +52,15 @@ def attach_to_mlflow(evaluation: dict, files: list[Path]) -> str | None:
     return None
 
 
+def crown_champions(evaluation: dict, table: str) -> tuple[dict[str, str], str | None]:
+    """`champion` on the best J&F version of each registered model (pipeline/report/champion.py);
+    a registry that cannot be reached is a warning, as for the report's copy in MLflow."""
+    try:
+        return set_champions(evaluation, table), None
+    except Exception as err:  # noqa: BLE001 - the report is written; the registry is the browsing side
+        return {}, f"could not set the champion versions in the MLflow registry: {err}"
+
+
 def report(evaluation_file: Path, variants_file: Path, out: Path, chart: Path) -> tuple[dict, str | None]:
     evaluation, table = read_inputs(evaluation_file, variants_file)
     rows = rows_from_outputs(evaluation, table, str(variants_file))
@@ -63,7 +74,10 @@ def report(evaluation_file: Path, variants_file: Path, out: Path, chart: Path) -
         raise ReportError(str(err)) from err
     render_markdown(out, evaluation, rows, chart, scores, probe)
     render_chart(chart, rows, title=f"{evaluation.get('dataset', '')} ({evaluation.get('split', '')})")
-    return evaluation, attach_to_mlflow(evaluation, [out, chart])
+    champions, warning = crown_champions(evaluation, table)
+    evaluation = {**evaluation, "champions": champions}
+    attached = attach_to_mlflow(evaluation, [out, chart])
+    return evaluation, "; ".join(w for w in (warning, attached) if w) or None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,4 +99,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"stm report: warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out} and {args.chart} from {args.evaluation} and {args.variants} "
           f"(MLflow run {evaluation.get('parent_run_id', '-')}, artifacts under report/)")
+    for name, version in evaluation.get("champions", {}).items():
+        print(f"models:/{name}@champion -> version {version}")
     return 0

@@ -14,7 +14,7 @@ import torch
 
 from pipeline import storage, tracking
 from pipeline.runguard import RunLock, Stopped, call_interruptibly
-from pipeline.train import registry
+from pipeline.train import registry, runs
 from pipeline.train.data import DataSpec
 from pipeline.train.input import DatasetFactory
 from pipeline.train.local_shard import LocalShard
@@ -24,6 +24,7 @@ from pipeline.train.settings import (
     RUN_ID_FILE,
     TrainSettings,
     atomic_json,
+    data_fingerprint,
     remove_storage,
     run_name,
     shared_locations,
@@ -56,19 +57,24 @@ def _write_text(location: str, rel: str, text: str) -> None:
     atomic_write_bytes(Path(location) / rel, (text + "\n").encode())
 
 
-def mlflow_run(s: TrainSettings, uri: str, storage: str, name: str, params: dict) -> tuple[str, bool]:
-    """-> (run id, re-attached?). The id is stored beside the checkpoints, so a resumed training run
-    keeps logging into the run that holds the first part of its loss curve."""
+def mlflow_run(s: TrainSettings, uri: str, storage: str, name: str, params: dict) -> tuple[str, bool, str | None]:
+    """-> (run id, re-attached?, parent run id). The id is stored beside the checkpoints, so a resumed
+    training run keeps logging into the run that holds the first part of its loss curve. An STRMN
+    rule's fine-tuning runs under the one parent run of all rules (pipeline/train/runs.py)."""
     rel = f"{name}/{RUN_ID_FILE}"
     run_id = _read_text(storage, rel)
-    if run_id and tracking.run_exists(uri, run_id):
-        tracking.reattach_run(uri, run_id)
-        return run_id, True
     tags = {**tracking.standard_tags(s.root, "pretrain" if s.stage == "pretrain" else "train"),
             "model": s.kind, "stage": s.stage, "ray_run": name}
+    parent = (runs.rule_parent(uri, s.mlflow.experiment, runs.rule_group(params, s.init_path()), tags)
+              if s.rule else None)
+    if run_id and tracking.run_exists(uri, run_id):
+        tracking.reattach_run(uri, run_id)
+        return run_id, True, parent
+    tags.update({"rule": s.rule, "mlflow.parentRunId": parent} if parent and s.rule else {})
     run_id = tracking.create_run(uri, s.mlflow.experiment, f"train-{s.prefix}{s.stage}{s.rule_suffix}", params, tags)
     _write_text(storage, rel, run_id)
-    return run_id, False
+    runs.log_dataset(uri, run_id, s.data_location(), data_fingerprint(s))
+    return run_id, False, parent
 
 
 # ----------------------------------------------------------------- config for the workers
@@ -221,7 +227,8 @@ def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: 
         remove_storage(location, name)
     params = {"model": s.model.to_dict(), s.stage: dataclasses.asdict(sp), "ray": dataclasses.asdict(rp),
               "seed": s.seed, "frames": s.frames, **({"strmn": dataclasses.asdict(s.strmn)} if s.kind == "strmn" else {})}
-    run_id, reattached = mlflow_run(s, uri, location, name, params)
+    run_id, reattached, parent = mlflow_run(s, uri, location, name, params)
+    runs.set_parent_status(uri, parent, "RUNNING")
     log.info("[train] %s %s: run %s (%s), MLflow run %s (%s) at %s", s.kind, s.stage, name,
              location, run_id, "re-attached" if reattached else "new", uri)
 
@@ -295,7 +302,7 @@ def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: 
         metrics.update(counts)
         write_dvc_outputs(s, metrics)
         checkpoints = storage.join(location, name) if storage.is_uri(location) else str(Path(location) / name)
-        registry.log_and_register(uri, run_id, network, s, checkpoints)
+        registry.log_and_register(uri, run_id, network, s, checkpoints, params)
         model_uri = s.model_uri()
         if model_uri:  # other nodes (evaluation tasks, the next stage) read the model from the store
             storage.write_bytes(model_uri, s.model_out.read_bytes())
@@ -316,5 +323,6 @@ def _train_locked(s: TrainSettings, name: str, local: bool, fresh: bool, fault: 
         raise
     finally:
         tracking.finish_run(uri, run_id, status)
+        runs.set_parent_status(uri, parent, status)
         if started_ray:
             shutdown_ray()

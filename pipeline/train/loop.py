@@ -131,11 +131,24 @@ def plateau_setup(config: LoopConfig, device: torch.device, totals: dict) -> tup
 
 
 def train_loop(train_loop_config: dict) -> None:
+    """Ray Train's worker loop. Rank 0 logs its node's system metrics (GPU too) into the run meanwhile."""
+    import ray.train
+
+    from pipeline import tracking
+
+    config = LoopConfig.from_ray(train_loop_config)
+    if ray.train.get_context().get_world_rank() == 0 and config.mlflow_run_id:
+        with tracking.system_metrics(config.mlflow_uri, config.mlflow_run_id):
+            _train(config)
+    else:
+        _train(config)
+
+
+def _train(config: LoopConfig) -> None:
     import ray
     import ray.train
     import ray.train.torch
 
-    config = LoopConfig.from_ray(train_loop_config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tp = config.train

@@ -1,6 +1,10 @@
 """Trained models in MLflow: each stage's model is logged to its run and registered as a version of
-one registered model per kind (STM, STRMN); `model.json` beside `model.pt` names that version, so
-evaluation can link its runs to it."""
+one registered model per trained variant (`STM`, `STRMN`, `STRMN-<RULE>` for each STRMN rule's
+fine-tuning); `model.json` beside `model.pt` names that version, so evaluation can link its runs to it.
+
+Every version carries the tags `VERSION_TAGS`; the newest version of a stage has the alias
+`latest-<stage>` (`latest-pretrain`, `latest-main`), and `stm report` gives `champion` to the version
+with the best J&F (pipeline/report/champion.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +18,19 @@ from stm_core.data.io import atomic_write_bytes
 
 log = logging.getLogger("pipeline.train")
 MODEL_INFO = "model.json"
-REGISTERED = {"stm": "STM", "strmn": "STRMN"}  # one registered model per kind
+REGISTERED = {"stm": "STM", "strmn": "STRMN"}  # the kinds' names; an STRMN rule's fine-tuning adds -<RULE>
+VERSION_TAGS = ("stage", "rule", "git_commit", "params_digest", "model_sha256", "checkpoints")
 
 
-def registered_name(kind: str) -> str:
-    return REGISTERED[kind]
+def registered_name(kind: str, rule: str | None = None) -> str:
+    """`STM`, `STRMN` (the shared pretraining), `STRMN-C` (the rule-C fine-tuning): one registered
+    model per trained variant, so each rule's versions and champion are its own."""
+    return f"{REGISTERED[kind]}-{rule}" if rule else REGISTERED[kind]
+
+
+def params_digest(params: dict) -> str:
+    """sha256 (first 16 hex digits) of the run's params as canonical JSON: equal params, equal digest."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def pip_requirements() -> list[str]:
@@ -31,7 +43,7 @@ def pip_requirements() -> list[str]:
 
 
 def latest_alias(stage: str) -> str:
-    """The alias of a stage's newest registered version: `latest-pretrain`, `latest-train`."""
+    """The alias of a stage's newest registered version: `latest-pretrain`, `latest-main`."""
     return f"latest-{stage}"
 
 
@@ -45,9 +57,18 @@ def input_example():
     return {"frames": frames, "mask": mask}
 
 
-def log_and_register(uri: str, run_id: str, network, s, checkpoints: str) -> dict:
+def version_tags(s, sha: str, checkpoints: str, params: dict) -> dict[str, str]:
+    """The tags of a registered version (`VERSION_TAGS`): what made it, and where its checkpoints are."""
+    tags = {"stage": s.stage, "rule": s.rule or "", "git_commit": tracking.git_commit(s.root),
+            "params_digest": params_digest(params), "model_sha256": sha, "checkpoints": checkpoints}
+    assert tuple(tags) == VERSION_TAGS
+    return tags
+
+
+def log_and_register(uri: str, run_id: str, network, s, checkpoints: str, params: dict | None = None) -> dict:
     """Log the checkpoint `s.model_out` as a models-from-code pyfunc (pipeline/mlflow_model.py, no
-    pickle) in run `run_id`, register it, alias the version `latest-<stage>`, write `model.json`."""
+    pickle) in run `run_id`, register it, alias the version `latest-<stage>`, write `model.json`.
+    `s`: TrainSettings (kind, stage, rule, root, model_out); `params`: the run's params."""
     import mlflow
     import mlflow.pyfunc
     import numpy as np
@@ -57,8 +78,9 @@ def log_and_register(uri: str, run_id: str, network, s, checkpoints: str) -> dic
     import pipeline.mlflow_model as model_code
     import stm_core
 
-    name = registered_name(s.kind)
+    name = registered_name(s.kind, s.rule)
     sha = hashlib.sha256(s.model_out.read_bytes()).hexdigest()
+    tags = version_tags(s, sha, checkpoints, params or {})
     example = input_example()
     u8 = np.dtype(np.uint8)  # any clip length and frame size: -1 on every free axis
     signature = ModelSignature(
@@ -71,17 +93,17 @@ def log_and_register(uri: str, run_id: str, network, s, checkpoints: str) -> dic
             name="model", python_model=model_code.__file__, artifacts={"checkpoint": str(s.model_out)},
             registered_model_name=name, pip_requirements=pip_requirements() + [f"mlflow=={mlflow.__version__}"],
             code_paths=[str(Path(stm_core.__file__).parent)], await_registration_for=120,
-            signature=signature, input_example=example, tags={"stage": s.stage, "model_sha256": sha})
+            signature=signature, input_example=example, tags={"stage": s.stage, "rule": tags["rule"], "model_sha256": sha})
     version = str(info.registered_model_version)
     client = tracking.client(uri)
-    for key, value in {"stage": s.stage, "model_sha256": sha, "checkpoints": checkpoints}.items():
+    for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_tag(run_id, "registered_model", f"{name}/{version}")
     # MLflow reserves the alias `latest` (`models:/STM/latest` is already the newest version): one per stage.
     client.set_registered_model_alias(name, latest_alias(s.stage), version)
     record = {"registered_model": name, "version": version, "model_uri": f"models:/{name}/{version}",
               "alias_uri": f"models:/{name}@{latest_alias(s.stage)}",
-              "run_id": run_id, "model_id": getattr(info, "model_id", None), "stage": s.stage, "kind": s.kind,
+              "run_id": run_id, "model_id": getattr(info, "model_id", None), "stage": s.stage, "kind": s.kind, "rule": s.rule or "",
               "sha256": sha, "checkpoints": checkpoints, "tracking_uri": uri}
     atomic_write_bytes(s.model_out.parent / MODEL_INFO, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     log.info("[train] MLflow model %s version %s (run %s)", name, version, run_id)

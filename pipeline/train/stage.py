@@ -32,19 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    from pipeline.runguard import RunLocked, Stopped, exit_now, stop_on_signals, stop_requested
+    from pipeline.runguard import RunLocked, run_stoppable
     from pipeline.train.driver import train
 
-    try:
-        with stop_on_signals("stm train"):
+    def body() -> int:
+        try:
             s = settings(args.params, args.stage, args.model, args.rule)
-            code = train(s, fresh=args.fresh, fault=os.environ.get(FAULT_ENV, ""))
-            if stop_requested():  # stopped: run ended as KILLED, lock released; no teardown under the helper thread
-                exit_now(code)
-            return code
-    except Stopped as stop:  # before the MLflow run existed, or while it was being closed
-        print(f"stm train: {stop}", file=sys.stderr)
-        exit_now(stop.exit_code)
-    except (ParamsError, FileNotFoundError, ValueError, ClusterError, RunLocked) as err:
-        print(f"stm train: error: {err}", file=sys.stderr)
-        return 2
+            # stopped: train ends the run KILLED, keeps the checkpoints, and returns 130 / 143
+            return train(s, fresh=args.fresh, fault=os.environ.get(FAULT_ENV, ""))
+        except (ParamsError, FileNotFoundError, ValueError, ClusterError, RunLocked) as err:
+            print(f"stm train: error: {err}", file=sys.stderr)
+            return 2
+
+    return run_stoppable("stm train", body)  # nothing partial: models/ is written only at the end

@@ -48,6 +48,8 @@ def load_network(runtime: str, checkpoint: str | Path, device: str | torch.devic
     OnnxNetwork on the graphs in `onnx_dir`, checked against the checkpoint; without `onnx_dir`
     the checkpoint is exported to a temporary folder first (seconds to a minute)."""
     if runtime == "torch":
+        if onnx_dir is not None:
+            raise ValueError(f"{onnx_dir}: ONNX graphs are for --runtime onnx (the runtime is torch)")
         from stm_core.model.checkpoint import load_checkpoint
 
         return load_checkpoint(checkpoint, map_location=device).to(device)

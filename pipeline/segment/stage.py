@@ -112,7 +112,7 @@ def segment_many(args: argparse.Namespace, checkpoint: bytes, jobs: list[sources
         device, gpus = resolve_device(args)
         settings = Settings(checkpoint=args.checkpoint, checkpoint_sha256=hashlib.sha256(checkpoint).hexdigest(),
                             memory=args.memory, precision=precision, max_size=args.max_size, device=device,
-                            timed_kernels=bool(args.timed_kernels))
+                            timed_kernels=bool(args.timed_kernels), runtime=args.runtime, onnx=args.onnx)
         out = Output(str(args.out))
         out.clean_partial()
         records: dict[str, dict] = {}

@@ -15,7 +15,6 @@ exported (docs/speed.md says why).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -57,23 +56,24 @@ def _onnx():
     return onnx
 
 
-def export_graph(network: STMNetwork, name: str, checkpoint_sha256: str, opset: int = OPSET) -> bytes:
-    """One graph of GRAPHS as checked ONNX bytes, tagged with the checkpoint's digest."""
+def export_graph(network: STMNetwork, name: str, checkpoint_sha256: str, path: Path, opset: int = OPSET) -> str:
+    """One graph of GRAPHS into `path`, tagged with the checkpoint's digest and checked; -> its SHA-256."""
     onnx = _onnx()
     spec = GRAPHS[name]
     module = spec.module(network).eval()
-    buffer = io.BytesIO()
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python ints taken from shapes
-        torch.onnx.export(module, spec.example(network), buffer, dynamo=False, opset_version=opset,
+        torch.onnx.export(module, spec.example(network), str(path), dynamo=False, opset_version=opset,
                           input_names=list(spec.inputs), output_names=list(spec.outputs),
                           dynamic_axes={**spec.inputs, **spec.outputs}, do_constant_folding=True)
-    model = onnx.load_from_string(buffer.getvalue())
+    model = onnx.load(str(path))
     for key, value in ((CHECKPOINT_KEY, checkpoint_sha256), (GRAPH_KEY, name)):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    data = model.SerializeToString()
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def export_network(network: STMNetwork, out: str | Path, checkpoint_sha256: str, checkpoint_name: str = "",
@@ -92,10 +92,9 @@ def export_network(network: STMNetwork, out: str | Path, checkpoint_sha256: str,
     try:
         graphs = {}
         for name in graph_names(network.config.kind):
-            data = export_graph(fused, name, checkpoint_sha256, opset)
-            (stage / f"{name}.onnx").write_bytes(data)
+            digest = export_graph(fused, name, checkpoint_sha256, stage / f"{name}.onnx", opset)
             spec = GRAPHS[name]
-            graphs[name] = {"file": f"{name}.onnx", "sha256": hashlib.sha256(data).hexdigest(),
+            graphs[name] = {"file": f"{name}.onnx", "sha256": digest,
                             "inputs": list(spec.inputs), "outputs": list(spec.outputs)}
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset, "precision": "fp32",
                     "model": {"kind": network.config.kind, "config": network.config.to_dict()},
@@ -103,8 +102,7 @@ def export_network(network: STMNetwork, out: str | Path, checkpoint_sha256: str,
                     "torch": torch.__version__, "onnx": _onnx().__version__, "graphs": graphs}
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (out / MANIFEST).unlink(missing_ok=True)
-        for name in [*graphs, None]:
-            file = MANIFEST if name is None else graphs[name]["file"]
+        for file in [*(f"{name}.onnx" for name in graphs), MANIFEST]:
             os.replace(stage / file, out / file)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -47,7 +47,8 @@ class ReadGraph(nn.Module):
         self.network = network
 
     def forward(self, query_key, query_value, memory_key, memory_value) -> torch.Tensor:
-        return self.network.read(QueryFeatures(query_key, query_value, ()), memory_key, memory_value)
+        skips = (query_key, query_key)  # the read takes no skips: placeholders
+        return self.network.read(QueryFeatures(query_key, query_value, skips), memory_key, memory_value)
 
 
 class DecoderGraph(nn.Module):

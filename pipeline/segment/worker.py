@@ -21,8 +21,8 @@ from pipeline.segment.outputs import Output, draw_overlay, palette_array
 from pipeline.segment.sources import VideoJob, frame_names, frame_size, load_given, stream_frames
 from stm_core.data.io import DataError, index_mask_png
 from stm_core.inference import InferenceCore, memory_bytes, memory_entries, probabilities_to_mask
-from stm_core.step_network import load_network
 from stm_core.process_memory import peak_rss_bytes, release_free_heap, reset_peak_rss, rss_bytes
+from stm_core.step_network import load_network
 
 REPORT_EVERY = 10  # frames between progress reports to the driver
 RSS_EVERY = 250  # frames between resident-memory samples in the video's record

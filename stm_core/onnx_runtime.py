@@ -1,6 +1,6 @@
 """The exported graphs (`stm export`) run by onnxruntime behind the network interface InferenceCore uses.
 
-`OnnxNetwork(directory, checkpoint=None)` loads `manifest.json` and one session per graph and
+`OnnxNetwork(directory, checkpoint=None)` loads `manifest.json` and an InferenceSession per graph and
 offers the methods `InferenceCore` and the memories call on a torch `STMNetwork`
 (`stm_core.step_network.StepNetwork`): tensors in, tensors out, so the memory policies
 (`stm_core.memory`) and the inference loop are the same code for both runtimes. The memory stays

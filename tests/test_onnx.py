@@ -240,7 +240,7 @@ def test_stm_segment_runtime_onnx_writes_the_torch_masks(official, tmp_path: Pat
     frames, masks = tmp_path / "frames", tmp_path / "masks"
     frames.mkdir()
     masks.mkdir()
-    for t in range(8):
+    for t in range(6):  # the memory grows: frame 0, then the previous frame beside it
         (frames / f"{t:05d}.png").symlink_to(OFFICIAL / "input" / f"{t:05d}.png")
     (masks / "00000.png").symlink_to(OFFICIAL / "input" / "00000-mask.png")
     common = ["--checkpoint", str(ckpt), "--frames", str(frames), "--masks", str(masks), "--memory", "every:5",
@@ -248,8 +248,43 @@ def test_stm_segment_runtime_onnx_writes_the_torch_masks(official, tmp_path: Pat
     assert stm(["segment", *common, "--out", str(tmp_path / "torch")]) == 0
     assert stm(["segment", *common, "--out", str(tmp_path / "onnx"), "--runtime", "onnx", "--onnx", str(graphs)]) == 0
     differ = total = 0
-    for t in range(8):
+    for t in range(6):
         a, b = read_index_mask(tmp_path / "torch" / f"{t:05d}.png"), read_index_mask(tmp_path / "onnx" / f"{t:05d}.png")
         differ += int((a != b).sum())
         total += a.size
     assert differ <= 0.001 * total, f"{differ} of {total} pixels differ"
+
+
+@pytest.mark.slow
+def test_many_videos_on_ray_with_the_onnx_runtime(models, tmp_path: Path, ray_2cpu, one_thread):
+    """--dataset on a Ray actor with --runtime onnx: the one-video torch masks, and segment.json says onnx."""
+    from test_segment_many import builtin_davis
+
+    names = builtin_davis(tmp_path / "davis", videos=2, frames=6, size=64)
+    ckpt, graphs = models["stm"]
+    out = tmp_path / "out"
+    assert stm(["segment", "--checkpoint", str(ckpt), "--dataset", str(tmp_path / "davis"), "--out", str(out),
+                "--workers", "1", "--memory", "every:2", "--runtime", "onnx", "--onnx", str(graphs),
+                "--device", "cpu"]) == 0
+    summary = json.loads((out / "segment.json").read_text())
+    assert summary["summary"]["done"] == 2
+    from pipeline.segment.sources import dataset_jobs, load_given
+    from stm_core.data.io import write_index_mask
+
+    root = tmp_path / "davis"
+    jobs = {j.name: j for j in dataset_jobs(str(root), root)}
+    differ = total = 0
+    for name in names:
+        assert summary["videos"][name]["settings"]["runtime"] == "onnx"
+        given, _ = load_given(jobs[name], root, (64, 64))  # the masks the actor started from
+        for t, ids in given.items():
+            write_index_mask(tmp_path / "given" / name / f"{t:05d}.png", ids.numpy())
+        single = tmp_path / "single" / name
+        assert stm(["segment", "--checkpoint", str(ckpt), "--frames", str(root / "JPEGImages" / "480p" / name),
+                    "--masks", str(tmp_path / "given" / name), "--out", str(single),
+                    "--memory", "every:2", "--device", "cpu"]) == 0
+        for t in range(6):
+            a, b = read_index_mask(out / name / f"{t:05d}.png"), read_index_mask(single / f"{t:05d}.png")
+            differ += int((a != b).sum())
+            total += a.size
+    assert differ <= 0.002 * total, f"{differ} of {total} pixels differ"

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "recipe": "pipeline.recipe",
     "segment": "pipeline.segment.cli",  # one video: stm_core.segment (no Ray); many: pipeline.segment.stage
     "import-official": "stm_core.import_official",
+    "export": "pipeline.export",  # ONNX graphs for `stm segment --runtime onnx`
     "score": "stm_core.scoring.cli",
 }
 

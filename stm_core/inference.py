@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from stm_core.lane import Overlap
 from stm_core.memory import Encoded, Memory, make_memory
-from stm_core.model.aggregate import soft_aggregate
 from stm_core.model.network import STRIDE, STMNetwork
 from stm_core.precision import DTYPES, autocast, check_precision, exact_fp32
+from stm_core.step_network import StepNetwork
 
 
 def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -54,7 +54,7 @@ class _Group:
 class InferenceCore:
     def __init__(
         self,
-        network: STMNetwork,
+        network: STMNetwork | StepNetwork,  # torch, or another runtime's (stm_core.onnx_runtime.OnnxNetwork)
         memory: str = "every:5",  # memory policy: every:5, fifo:8, recurrent:5:C, ...
         device: str | torch.device | None = None,  # default: the network's
         max_internal_size: int | None = None,  # longest side the network sees; None: native
@@ -66,11 +66,18 @@ class InferenceCore:
         make_memory(memory, network)  # fail now, not at the first frame, on a bad policy
         self.precision = check_precision(precision)
         self.memory_dtype = DTYPES[precision]  # what the memory stores: fp32 is never rounded
-        self.device = torch.device(device) if device is not None else next(network.parameters()).device
-        # The fused copy equals the network up to float rounding (fp32 ~1e-5); `network` stays as it is.
-        # Channels-last on CUDA and for oneDNN's bf16 kernels; NNPACK's Winograd (CPU fp32) is NCHW.
-        self.channels_last = fast and (self.device.type == "cuda" or precision == "bf16")
-        self.network = (network.fused_for_inference(self.channels_last) if fast else network.eval()).to(self.device)
+        self.network: STMNetwork | StepNetwork
+        if not isinstance(network, STMNetwork):  # another runtime: runs as built, on its own threads
+            if precision != "fp32":
+                raise ValueError(f"precision {precision!r}: the {type(network).__name__} runtime serves fp32 only")
+            self.device, self.channels_last, self.network = network.device, False, network  # type: ignore[attr-defined]
+            fast, overlap = False, False
+        else:
+            self.device = torch.device(device) if device is not None else next(network.parameters()).device
+            # The fused copy equals the network up to float rounding (fp32 ~1e-5); `network` stays as it is.
+            # Channels-last on CUDA and for oneDNN's bf16 kernels; NNPACK's Winograd (CPU fp32) is NCHW.
+            self.channels_last = fast and (self.device.type == "cuda" or precision == "bf16")
+            self.network = (network.fused_for_inference(self.channels_last) if fast else network.eval()).to(self.device)
         self.max_internal_size = max_internal_size
         self._groups: list[_Group] = []
         self.frame_index = -1
@@ -182,7 +189,7 @@ class InferenceCore:
             fg.append(torch.sigmoid(unpad(logits, pad)[0].float()))
         probs = torch.cat(fg, 0)  # O x h x w, each object on its own
         # Soft aggregation makes the objects compete for each pixel before they are memorised.
-        return soft_aggregate(probs[None])[0].softmax(dim=0)
+        return self.network.aggregate(probs[None])[0]
 
     def _apply_annotation(self, probs, mask: torch.Tensor, size, annotated: set[int]) -> torch.Tensor:
         """Ground truth overrides prediction for annotated objects; others yield their pixels.
@@ -267,7 +274,7 @@ def probabilities_to_mask(probs: torch.Tensor, object_ids: list[int]) -> torch.T
 
 
 def segment_video(
-    network: STMNetwork,
+    network: STMNetwork | StepNetwork,
     frames: Iterable[torch.Tensor],  # each 3 x H x W, streamed
     masks: dict[int, torch.Tensor],  # frame index -> H x W ids (first frame, frames adding objects)
     memory: str = "every:5",

@@ -1,6 +1,7 @@
 """Segment a folder of frames from its annotated masks with a trained checkpoint.
 
-`stm segment --checkpoint CKPT --frames DIR --masks DIR --out DIR [--memory every:5] [--precision fp32]`:
+`stm segment --checkpoint CKPT --frames DIR --masks DIR --out DIR [--memory every:5] [--precision fp32]
+[--runtime torch|onnx]`:
 FRAMES holds the video's JPEGs; MASKS holds index PNGs named like the frames, for the first frame
 and for any later frame that introduces objects. OUT receives one palette PNG per frame (pixel value = object id,
 in the input masks' palette). Two runs give the same masks: the CPU convolution kernels are fixed
@@ -23,8 +24,9 @@ from stm_core.data.io import DAVIS_PALETTE, DataError, read_frame, read_index_ma
 from stm_core.inference import segment_video
 from stm_core.memory import validate_policy
 from stm_core.model import fast_path
-from stm_core.model.checkpoint import CheckpointError, load_checkpoint
+from stm_core.model.checkpoint import CheckpointError
 from stm_core.precision import PRECISIONS
+from stm_core.step_network import RUNTIMES, load_network
 
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -70,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser, frames_required: bool = True)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32: exact, TF32 off (default; what results are reported in); bf16: bf16 autocast "
                              "on CUDA or CPU, faster where the hardware has bf16 units")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="torch (default) or onnx: the graphs of `stm export` on onnxruntime, fp32 "
+                             "(needs the onnx extra: pip install 'stm-vos[onnx]')")
+    parser.add_argument("--onnx", default=None,
+                        help="with --runtime onnx: the folder `stm export` wrote for this checkpoint "
+                             "(default: export the checkpoint to a temporary folder first)")
     parser.add_argument("--resize-masks", action="store_true", help="resize masks whose size differs from the frame")
     parser.add_argument("--timed-kernels", action="store_true",
                         help="CPU: time NNPACK's Winograd against oneDNN per convolution shape and keep the faster "
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         validate_policy(args.memory)
-        network = load_checkpoint(args.checkpoint, map_location=args.device)
+        network = load_network(args.runtime, args.checkpoint, args.device, args.onnx)
         frame_paths = sorted(p for p in args.frames.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
         if not frame_paths:
             raise DataError(f"{args.frames}: no frames (.jpg/.png) found")

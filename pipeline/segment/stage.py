@@ -158,7 +158,7 @@ def segment_many(args: argparse.Namespace, checkpoint: bytes, jobs: list[sources
                             memory=args.memory, precision=precision, device=device,
                             max_size=MAX_SIZE if args.max_size is None else (args.max_size or None),
                             timed_kernels=bool(args.timed_kernels), resolution=args.resolution if args.dataset else "",
-                            overlay=bool(args.overlay))
+                            overlay=bool(args.overlay), runtime=args.runtime, onnx=args.onnx)
         out = Output(str(args.out))
         out.clean_partial()
         head = {"checkpoint": settings.checkpoint, "checkpoint_sha256": settings.checkpoint_sha256,

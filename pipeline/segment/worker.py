@@ -21,8 +21,8 @@ from pipeline.segment.sources import VideoJob, frame_names, load_given, measure,
 from pipeline.segment.tree import Inputs
 from stm_core.data.io import DataError, index_mask_png
 from stm_core.inference import InferenceCore, memory_bytes, memory_entries, probabilities_to_mask
-from stm_core.model.checkpoint import load_checkpoint
 from stm_core.process_memory import peak_rss_bytes, release_free_heap, reset_peak_rss, rss_bytes
+from stm_core.step_network import load_network
 
 REPORT_EVERY = 10  # frames between progress reports to the driver
 RSS_EVERY = 250  # frames between resident-memory samples in the video's record
@@ -43,9 +43,12 @@ class Settings:
     timed_kernels: bool = False
     resolution: str = ""  # DAVIS resolution folder ("" for video files)
     overlay: bool = False  # OUT/<video>.mp4 is part of the video's output
+    runtime: str = "torch"  # torch | onnx (stm_core.step_network.load_network)
+    onnx: str | None = None  # --onnx: graphs of `stm export` (None: exported from the checkpoint)
 
     def key(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "device")}
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("checkpoint", "device", "onnx") and (k, v) != ("runtime", "torch")}
 
 
 class SegmentWorker:
@@ -62,7 +65,7 @@ class SegmentWorker:
         self.warn_bytes = warn_memory_mb * 2**20
         self.progress = progress
         self.device = torch.device(settings.device)
-        self.network = _load(checkpoint, self.device)
+        self.network = _load(checkpoint, self.device, settings.runtime, settings.onnx)
 
     def _report(self, key: str, units: int) -> None:
         if self.progress is not None and units:
@@ -185,14 +188,14 @@ def _node_id() -> str:
         return ""
 
 
-def _load(data: bytes, device: torch.device):
-    """load_checkpoint takes a path: the bytes go through a temp file."""
+def _load(data: bytes, device: torch.device, runtime: str = "torch", onnx: str | None = None):
+    """load_network takes a path: the bytes go through a temp file."""
     import tempfile
 
     fd, tmp = tempfile.mkstemp(suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return load_checkpoint(tmp, map_location=device).to(device)
+        return load_network(runtime, tmp, device, onnx)
     finally:
         os.unlink(tmp)

@@ -186,6 +186,11 @@ class STMNetwork(nn.Module):
         logits = self.decoder(readout.flatten(0, 1), *skips, out_size, skip_features, split)  # (B*O) x 1 x H x W
         return logits[:, 0].unflatten(0, (b, o))
 
+    def aggregate(self, foreground: torch.Tensor) -> torch.Tensor:
+        """B x O x H x W per-object foreground probabilities -> B x (1+O) x H x W probabilities,
+        soft-aggregated once (what inference returns and memorises)."""
+        return soft_aggregate(foreground).softmax(dim=1)
+
     def segment(
         self,
         query: QueryFeatures,

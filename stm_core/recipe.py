@@ -15,10 +15,10 @@ import dataclasses
 
 from stm_core.model.network import ModelConfig
 
-RECIPE_MODELS = {
-    "stm": ModelConfig(kind="stm", backbone="resnet50", norm="frozen_bn", decoder_dim=256),
-    "strmn": ModelConfig(kind="strmn", backbone="resnet50", norm="group", decoder_dim=256, fusion_dim=64,
-                         fusion_scale="none", similarity="keys"),
+_PAPER = {"backbone": "resnet50", "decoder_dim": 256, "fusion_dim": 64, "fusion_scale": "none", "similarity": "keys"}
+RECIPE_MODELS = {  # (STM has no Fusion Cell: its fusion settings are the shared model: section's, unused)
+    "stm": ModelConfig(kind="stm", norm="frozen_bn", **_PAPER),  # type: ignore[arg-type]
+    "strmn": ModelConfig(kind="strmn", norm="group", **_PAPER),  # type: ignore[arg-type]
 }
 # STRMN's recipe memory: K = 5 slots (sec. 3.4.1), TBPTT segments of 10 frames, 5-frame pretraining clips.
 RECIPE_STRMN_SLOTS = 5

@@ -1,19 +1,27 @@
-"""The GPU checks in one run (torch only: no Ray, MLflow or DVC), what `benchmarks/gpu.sh` runs.
+"""The GPU checks in one run, with torch alone (no Ray, MLflow or DVC; nothing outside the
+repository): what `benchmarks/gpu.sh` runs.
 
-    python benchmarks/gpu_checks.py [--official DIR] [--json OUT] [--quick]
+    python benchmarks/gpu_checks.py [--out OUT.json] [--official DIR] [--quick]
 
-1. The official fixture on CUDA in fp32: the official-layout weights rebuilt by
-   `DIR/make_weights.py`, imported as `stm import-official` does, segment `DIR/input` with every:5;
-   every probability within 1e-4 of the official implementation's (`DIR/expected.npz`).
-2. Inference FPS and peak memory (`torch.cuda.max_memory_allocated`) at 480x854 on a 100-frame
-   video, 1 and 5 objects, fp32 and bf16, memory every:5 (STM) and recurrent:5:C (STRMN), ResNet-50
-   (`stm_core.bench`, random weights: speed does not depend on them).
-3. The paper recipe's training steps/s: ResNet-50, 384 crops, batch 4, 3-frame clips, fp32, one GPU
-   (`pipeline.train.bench`, the training step of `stm train`).
+Parts (each in its own try: one that fails is a row saying why, and the rest still run):
+  fixture     the official fixture (`DIR`, default ../shared/official-stm) in fp32 on CUDA (on the CPU
+              without CUDA): every probability within 1e-4 of the official code's. Not part of the
+              repository: where it is absent the row says so (a failure only when --official names it).
+  parity      CUDA fp32 against CPU fp32 in this run, same seeded weights and frames, STM every:5 and
+              STRMN recurrent:5:C (the recipe's networks, ResNet-50): within 1e-4.       [CUDA only]
+  bf16        bf16 against fp32 on CUDA: masks agree on >= 99% of the pixels fp32 is sure of. [CUDA only]
+  inference   FPS and peak memory of the recipe's STM (every:5) and STRMN (recurrent:5:C) at 480x854,
+              100 frames, 1 and 5 objects, fp32 and bf16 (`stm_core.bench`).
+  read        the memory read against a bare 4-D SDPA on the same device, 480p, 21 memory frames.
+  training    steps/s of the recipe's STM (IEEE fp32 and bf16) and STRMN (fp32), ResNet-50, 384 crops,
+              batch 4 (`stm_core.train_bench`).
+Without CUDA, inference, read and training run a small CPU smoke (ResNet-18 or small sizes, said in
+each row) and the CUDA-only parts say "no CUDA". --quick: fewer rows and frames (at most 3 minutes
+on one H100; the whole plan at most 8).
 
-Without CUDA it runs what a CPU can in a minute (the fixture on CPU, a 64-pixel smoke of parts 2
-and 3) and marks each GPU part `skipped` with the reason; `--quick` forces that on any machine.
-Prints a markdown table naming the device; `--json` writes every figure.
+Writes OUT.json (every figure) and OUT.md (the table) after every part, atomically, and prints the
+table. Exit code: 0 every part ran and passed; 1 a part failed, missed its bar or did not run; 2 none
+failed but the CUDA-only parts could not run for want of CUDA (a CPU machine).
 """
 
 from __future__ import annotations
@@ -23,131 +31,172 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import gpu_parts  # noqa: E402 - benchmarks/gpu_parts.py, beside this file
+
 OFFICIAL = (REPO / ".." / "shared" / "official-stm").resolve()
-TOLERANCE = 1e-4
-OBJECTS = (1, 5)
-PRECISIONS = ("fp32", "bf16")
-MEMORIES = ("every:5", "recurrent:5:C")
+MEMORIES, PRECISIONS = ("every:5", "recurrent:5:C"), ("fp32", "bf16")
+PLANS = {  # seconds: when the run has used this much, the parts left are not started
+    "full": {"seconds": 480, "parity_size": (240, 432), "parity_frames": 8, "backbone": "resnet50",
+             "inference_size": (480, 854), "inference_frames": 100,
+             "inference_rows": [(m, p, o) for m in MEMORIES for p in PRECISIONS for o in (1, 5)],
+             "read_size": (480, 854), "read_frames": 21, "read_precisions": PRECISIONS, "read_repeats": 20,
+             "training_rows": [("stm", "fp32"), ("stm", "bf16"), ("strmn", "fp32")],
+             "training_args": ["--crop", "384", "--batch", "4", "--warmup", "3", "--steps", "20"]},
+    "quick": {"seconds": 180, "parity_size": (120, 216), "parity_frames": 4, "backbone": "resnet50",
+              "inference_size": (480, 854), "inference_frames": 30,
+              "inference_rows": [(m, p, 1) for m in MEMORIES for p in PRECISIONS],
+              "read_size": (480, 854), "read_frames": 21, "read_precisions": PRECISIONS, "read_repeats": 5,
+              "training_rows": [("stm", "fp32"), ("strmn", "fp32")],
+              "training_args": ["--crop", "384", "--batch", "4", "--warmup", "2", "--steps", "5"]},
+    "cpu": {"seconds": 240, "backbone": "resnet18", "inference_size": (64, 64), "inference_frames": 3,
+            "inference_rows": [(m, "fp32", 1) for m in MEMORIES],
+            "read_size": (64, 112), "read_frames": 2, "read_precisions": ("fp32",), "read_repeats": 2,
+            "training_rows": [("stm", "fp32")],
+            "training_args": ["--backbone", "resnet18", "--decoder-dim", "16", "--crop", "32", "--batch", "1",
+                              "--frames", "3", "--warmup", "1", "--steps", "1"]},
+}
+NO_CUDA = "no CUDA"
 
 
-def check_fixture(official: Path, device: str) -> dict:
-    """Part 1 -> {"max_abs_error", "passed", ...}, or {"skipped": reason}."""
-    # benchmarks/precision_jf.py: the rebuilt weights imported as `stm import-official` does
-    from precision_jf import fixture_network
-
-    from stm_core.data.io import read_frame, read_index_mask
-    from stm_core.inference import InferenceCore
-
-    if not (official / "expected.npz").is_file():
-        return {"skipped": f"no official fixture at {official} (pass --official DIR)"}
-    expected = np.load(official / "expected.npz")["probs"]  # T x (1+O) x H x W
-    network = fixture_network(official / "make_weights.py").to(device)
-    core = InferenceCore(network, "every:5", device=device, precision="fp32")
-    mask = torch.from_numpy(read_index_mask(official / "input" / "00000-mask.png").astype(np.int64))
-    errors = []
-    for t in range(len(expected)):
-        probs = core.step(read_frame(official / "input" / f"{t:05d}.png"), mask if t == 0 else None)
-        errors.append(float(np.abs(probs.float().cpu().numpy() - expected[t]).max()))
-    core.close()
-    worst = max(errors)
-    return {"device": device, "frames": len(errors), "max_abs_error": worst, "tolerance": TOLERANCE,
-            "passed": worst <= TOLERANCE}
-
-
-def inference_speed(device: str, height: int, width: int, frames: int, objects: int, precision: str,
-                    memory: str) -> dict:
-    from stm_core.bench import bench_video, parse_args
-
-    args = parse_args(["--device", device, "--height", str(height), "--width", str(width), "--frames", str(frames),
-                       "--objects", str(objects), "--precision", precision, "--memory", memory,
-                       "--warmup", str(min(5, frames - 2))])
-    with torch.inference_mode():
-        r = bench_video(args)
-    return {"objects": objects, "precision": precision, "memory": memory, "height": height, "width": width,
-            "frames": frames, "fps": r["fps"], "peak_memory_mb": r["peak_memory_bytes"] / 2**20,
-            "memory_entries": r["memory_entries"]}
-
-
-def training_speed(device: str, backbone: str, crop: int, batch: int, steps: int) -> dict:
-    from pipeline.train.bench import main as train_bench
-
-    return train_bench(["--device", device, "--backbone", backbone, "--crop", str(crop), "--batch", str(batch),
-                        "--precision", "fp32", "--warmup", "2", "--steps", str(steps)])
-
-
-def run(official: Path, quick: bool) -> dict:
-    cuda = torch.cuda.is_available() and not quick
-    device = "cuda" if cuda else "cpu"
-    why = "--quick" if quick and torch.cuda.is_available() else "no CUDA device"
-    result: dict = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-                    "torch": torch.__version__, "cuda": torch.version.cuda, "parts": {}}
-    parts = result["parts"]
+def run_part(name: str, fn, started: float, plan: dict) -> dict:
+    if time.perf_counter() - started > plan["seconds"]:
+        return {"name": name, "status": "not run", "why": f"the {plan['seconds']}-s plan ran out", "seconds": 0.0}
     t0 = time.perf_counter()
-    parts["fixture"] = check_fixture(official, device)
-    print(f"[gpu] fixture on {device}: {parts['fixture']}", flush=True)
-    if cuda:
-        rows = []
-        for memory in MEMORIES:
-            for precision in PRECISIONS:
-                for objects in OBJECTS:
-                    rows.append(inference_speed("cuda", 480, 854, 100, objects, precision, memory))
-                    torch.cuda.empty_cache()
-                    print(f"[gpu] {rows[-1]}", flush=True)
-        parts["inference"] = {"rows": rows}
-        parts["training"] = training_speed("cuda", "resnet50", 384, 4, 20)
+    print(f"[gpu] {name} ...", flush=True)
+    try:
+        result = fn()
+        status = "failed" if result.get("passed") is False else "ok"
+        row = {"name": name, "status": status, "result": result}
+        if status == "failed":
+            row["why"] = "missed its bar"
+    except Exception as err:  # a failing part is a row saying why; the others still run
+        traceback.print_exc()
+        row = {"name": name, "status": "failed", "why": f"{type(err).__name__}: {err}"}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"[gpu] {name}: {row['status']} in {row['seconds']} s", flush=True)
+    return row
+
+
+def skipped(name: str, status: str, why: str) -> dict:
+    print(f"[gpu] {name}: {status} ({why})", flush=True)
+    return {"name": name, "status": status, "why": why, "seconds": 0.0}
+
+
+def run(official: Path, official_named: bool, quick: bool, out: Path | None) -> dict:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    plan = PLANS["cpu" if not cuda else "quick" if quick else "full"]
+    result: dict = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+                    "torch": torch.__version__, "cuda": torch.version.cuda, "quick": quick,
+                    "plan_seconds": plan["seconds"], "parts": []}
+    parts: list[dict] = result["parts"]
+    started = time.perf_counter()
+
+    def add(row: dict) -> None:
+        parts.append(row)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        write(result, out)
+
+    if (official / "expected.npz").is_file():
+        add(run_part("fixture", lambda: gpu_parts.fixture(official, device), started, plan))
+    elif official_named:
+        add(skipped("fixture", "failed", f"no official fixture (expected.npz) at {official}"))
     else:
-        smoke = inference_speed("cpu", 64, 64, 3, 1, "fp32", "every:5")
-        parts["inference"] = {"skipped": f"480p FPS and peak memory need a GPU ({why})", "cpu_smoke": smoke}
-        parts["training"] = {"skipped": f"paper-recipe training steps/s need a GPU ({why})",
-                             "cpu_smoke": training_speed("cpu", "resnet18", 64, 1, 1)}
-    result["seconds"] = round(time.perf_counter() - t0, 1)
+        add(skipped("fixture", "absent", f"no official fixture at {official}: not in the repository "
+                                         "(pass --official DIR to check it)"))
+    for name, fn in (("parity", gpu_parts.cuda_against_cpu), ("bf16", gpu_parts.bf16_agreement)):
+        add(run_part(name, lambda fn=fn: fn(plan), started, plan) if cuda else skipped(name, NO_CUDA, "CUDA only"))
+    for name, fn in (("inference", gpu_parts.inference), ("read", gpu_parts.read), ("training", gpu_parts.training)):
+        add(run_part(name, lambda fn=fn: fn(device, plan), started, plan))
     return result
 
 
+def exit_code(result: dict) -> int:
+    statuses = {p["status"] for p in result["parts"]}
+    if statuses & {"failed", "not run"}:
+        return 1
+    return 2 if NO_CUDA in statuses else 0
+
+
+def _number(x, spec: str) -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and x == x else "-"
+
+
 def table(result: dict) -> str:
-    parts = result["parts"]
-    lines = [f"Device: {result['device']}, torch {result['torch']}", ""]
-    fx = parts["fixture"]
-    lines.append(f"Official fixture: skipped ({fx['skipped']})" if "skipped" in fx else
-                 f"Official fixture on {fx['device']}, fp32: max abs error {fx['max_abs_error']:.2e} "
-                 f"({'pass' if fx['passed'] else 'FAIL'}, tolerance {fx['tolerance']:g})")
-    inf = parts["inference"]
-    if "skipped" in inf:
-        lines.append(f"Inference 480p: skipped ({inf['skipped']})")
-    else:
-        lines += ["", "| memory | precision | objects | FPS | peak memory MB |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {r['memory']} | {r['precision']} | {r['objects']} | {r['fps']:.1f} | {r['peak_memory_mb']:.0f} |"
-                  for r in inf["rows"]]
-    tr = parts["training"]
-    lines.append("")
-    lines.append(f"Training: skipped ({tr['skipped']})" if "skipped" in tr else
-                 f"Training (ResNet-50, 384 crops, batch 4, fp32): {1000 / tr['ms_per_step']:.2f} steps/s, "
-                 f"{tr['clips_per_s']} clips/s, peak {tr['peak_memory_mb']} MB")
+    lines = [f"Device: {result['device']}, torch {result['torch']}, CUDA {result['cuda']}"
+             f"{', --quick' if result['quick'] else ''}; {result.get('seconds', 0)} s of a "
+             f"{result['plan_seconds']}-s plan", "", "| part | status | seconds | note |", "|---|---|---:|---|"]
+    for p in result["parts"]:
+        r = p.get("result", {})
+        note = p.get("why", "")
+        if p["name"] in ("fixture", "parity") and "max_abs_error" in r:
+            note = f"max abs error {r['max_abs_error']:.2e} on {r.get('device', 'cuda vs cpu')} (bar {r['tolerance']:g})"
+        elif p["name"] == "bf16" and "rows" in r:
+            note = "; ".join(f"{x['memory']}: agreement {x['mask_agreement_where_sure']:.4f} where sure, "
+                             f"{x['mask_agreement']:.4f} all" for x in r["rows"])
+        lines.append(f"| {p['name']} | {p['status']} | {p['seconds']} | {note} |")
+    for p in result["parts"]:
+        rows = p.get("result", {}).get("rows", [])
+        if p["name"] == "inference" and rows:
+            lines += ["", f"Inference ({p['result']['peak_memory']}):", "",
+                      "| memory | precision | objects | size | backbone | FPS | peak MB |", "|---|---|---:|---|---|---:|---:|"]
+            lines += [f"| {r['memory']} | {r['precision']} | {r['objects']} | {r['height']}x{r['width']}, "
+                      f"{r['frames']} frames | {r['backbone']} | {_number(r['fps'], '.1f')} | "
+                      f"{_number(r['peak_memory_mb'], '.0f')} |" for r in rows]
+        if p["name"] == "read" and rows:
+            lines += ["", "Read against a bare 4-D SDPA, same device:", "",
+                      "| precision | size | memory frames | kernel | read ms | SDPA ms |", "|---|---|---:|---|---:|---:|"]
+            lines += [f"| {r['precision']} | {r['height']}x{r['width']} | {r['memory_frames']} | {r['kernel']} | "
+                      f"{r['read_ms']:.2f} | {r['sdpa_ms']:.2f} |" for r in rows]
+        if p["name"] == "training" and rows:
+            lines += ["", "Training (random clips, Adam):", "",
+                      "| model | backbone | precision | math | crop | batch | frames | steps/s | clips/s | peak MB |",
+                      "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {r['kind']} | {r['backbone']} | {r['precision']} | {r['fp32_math']} | {r['crop']} | "
+                      f"{r['batch']} | {r['frames']} | {1000 / r['ms_per_step']:.2f} | {r['clips_per_s']} | "
+                      f"{_number(r['peak_memory_mb'], '.0f')} |" for r in rows]
     return "\n".join(lines)
 
 
+def write(result: dict, out: Path | None) -> None:
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(result, indent=2, default=float) + "\n"),
+                       (out.with_suffix(".md"), table(result) + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks/gpu.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "gpu.json",
+                   help="the JSON; the table goes beside it as .md (default: benchmarks/gpu.json)")
+    p.add_argument("--official", type=Path, default=None,
+                   help=f"the official fixture (make_weights.py, input/, expected.npz); default {OFFICIAL}")
+    p.add_argument("--quick", action="store_true", help="the short plan (at most 3 minutes on one H100)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--official", type=Path, default=OFFICIAL, help="the official fixture (make_weights.py, input/, expected.npz)")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--quick", action="store_true", help="the CPU checks only, even where CUDA is present")
-    args = p.parse_args(argv)
-    result = run(args.official.resolve(), args.quick)
+    args = parser().parse_args(argv)
+    official = (args.official or OFFICIAL).resolve()
+    result = run(official, args.official is not None, args.quick, args.out)
     print(table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
-        os.replace(tmp, args.json)
-    fixture = result["parts"]["fixture"]
-    return 1 if fixture.get("passed") is False else 0
+    write(result, args.out)
+    code = exit_code(result)
+    print(f"[gpu] exit {code}: " + {0: "every part ran and passed", 1: "a part failed or did not run",
+                                    2: "nothing failed; the CUDA-only parts need CUDA"}[code], flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,13 +6,19 @@ fast path (`STMNetwork.fused_for_inference`) unless `--no-fast`. Prints and opti
 fps (frames per second, all objects), ms_per_frame, peak_memory_bytes (CUDA max allocated, or the
 process's peak RSS growth on CPU), memory_entries (frames or slots held at the end), the settings.
 
-`--mode read` times the space-time memory read alone against bare scaled_dot_product_attention
-on the same shapes (and the top-k read when --top-k is given).
+The network is the paper recipe's (`stm_core.recipe`): STM for every:/fifo: policies, STRMN
+(GroupNorm, unscaled Fusion Cell, key similarity) for recurrent:*. Peak memory counts the network
+that runs: the original is built on the CPU and freed once InferenceCore holds its fused copy.
+
+`--mode read` times the space-time memory read alone against a bare 4-D
+scaled_dot_product_attention on the same shapes and device (and the top-k read when --top-k is
+given); `kernel` names the SDPA kernel that serves the read there (`READ_KERNELS`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -22,11 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from stm_core.inference import InferenceCore, memory_bytes, memory_entries
 from stm_core.model.network import STRIDE, ModelConfig, STMNetwork
-from stm_core.model.read import memory_read
+from stm_core.model.read import READ_KERNELS, memory_read
 from stm_core.precision import DTYPES, PRECISIONS
+from stm_core.recipe import recipe_model
 
 
 def _rss_bytes() -> int:
@@ -76,16 +84,17 @@ def bench_video(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     rss_start = _rss_bytes()
     g = torch.Generator().manual_seed(args.seed)
-    # The paper's inference network (frozen BatchNorm, folded away; a 256-channel decoder).
-    config = ModelConfig(kind="strmn" if args.memory.startswith("recurrent") else "stm",
-                         backbone=args.backbone, top_k=args.top_k, norm="frozen_bn", decoder_dim=256)
-    network = STMNetwork(config).to(device).eval()
+    config = bench_model(args)
+    # Built on the CPU: InferenceCore moves its fused copy to the device, and the original is freed,
+    # so the peak counts only the network that runs.
+    network = STMNetwork(config).eval()
     if args.channels_last:
         network = network.to(memory_format=torch.channels_last)
     # A small pool of frames on the device: generating frames is not what we measure.
     pool = torch.rand(min(8, args.frames), 3, args.height, args.width, generator=g).to(device)
     mask = synthetic_mask(args.height, args.width, args.objects, g).to(device)
     core = InferenceCore(network, args.memory, device=device, precision=args.precision, fast=not args.no_fast)
+    del network  # the core holds what it runs (the fused copy, or this network itself with --no-fast)
     timer = Timer(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -112,8 +121,15 @@ def bench_video(args: argparse.Namespace) -> dict:
     }
 
 
+def bench_model(args: argparse.Namespace) -> ModelConfig:
+    """The recipe's network for the memory policy (`stm_core.recipe`): STRMN for recurrent:*, else STM."""
+    kind = "strmn" if args.memory.startswith("recurrent") else "stm"
+    return dataclasses.replace(recipe_model(kind, args.backbone), top_k=args.top_k)
+
+
 def bench_read(args: argparse.Namespace) -> dict:
-    """The read alone vs bare SDPA, for the memory of `--frames` entries at this resolution."""
+    """The read alone vs bare 4-D SDPA (the read's own layout: objects x 1 head x tokens x channels,
+    so the same kernel can serve both) on the same device, for `--frames` memory entries."""
     device = torch.device(args.device)
     config = ModelConfig(backbone=args.backbone)
     h, w = -(-args.height // STRIDE), -(-args.width // STRIDE)
@@ -132,10 +148,12 @@ def bench_read(args: argparse.Namespace) -> dict:
             fn()
         return 1000 * timer.stop() / args.repeats
 
-    sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, scale=config.key_dim ** -0.5))
+    q4, k4, v4 = q[:, None], k[:, None], v[:, None]  # N x 1 x L x C
+    sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q4, k4, v4, scale=config.key_dim ** -0.5))
     read_ms = timed(lambda: memory_read(q, k, v))
     out = {"sdpa_ms": sdpa_ms, "read_ms": read_ms, "read_over_sdpa": read_ms / sdpa_ms,
-           "query_tokens": lq, "memory_tokens": lm}
+           "query_tokens": lq, "memory_tokens": lm, "kernel": READ_KERNELS.get(device.type, SDPBackend.MATH).name,
+           "baseline": "4-D scaled_dot_product_attention on the same device"}
     if args.top_k:
         out["top_k_read_ms"] = timed(lambda: memory_read(q, k, v, top_k=args.top_k))
     return out

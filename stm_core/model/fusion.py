@@ -11,8 +11,12 @@ The cell distils a template that is about to leave the memory (X_i) into one tha
     X_j_new = (1 - z) * X_j + z * n                    (10)
 
 Templates are res4 maps, N x C x h x w (any leading dims are flattened into N). FAM attends
-over the h*w locations with `F.scaled_dot_product_attention` on 4-D tensors (N, 1 head, hw, C),
-the layout PyTorch's fused kernels take (memory-efficient on CUDA, flash on CPU). Scale: the paper writes no scale
+over the h*w locations with `F.scaled_dot_product_attention` on contiguous 4-D tensors (N, 1 head,
+hw, C; the channel stride 1, which every fused kernel requires). Queries, keys and values are all C
+wide, so on CPU the flash kernel serves (fp32 and bf16); on CUDA the memory-efficient kernel serves
+(flash there takes only fp16/bf16 and widths up to 256, and C is 1024 for ResNet-50).
+`FAM_KERNELS` states this per device and tests/test_attention_kernels.py runs FAM with only that
+kernel allowed, so a wrong claim fails. Scale: the paper writes no scale
 (scale = 1); we default to 1/sqrt(C), as STM's official read does: res4 features are post-ReLU
 with C = 256..1024 channels, and unscaled dot products saturate the softmax to one-hot at
 initialisation, which starves the cell of gradient. `scale=1.0` gives the literal eq. 3
@@ -31,8 +35,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
 
 SIMILARITIES = ("templates", "keys")
+# The fused SDPA kernel that serves FAM on each device (fp32 and bf16): all widths are C.
+FAM_KERNELS = {"cpu": SDPBackend.FLASH_ATTENTION, "cuda": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def small_cnn(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
@@ -47,10 +54,14 @@ def small_cnn(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential
 def fam(xa: torch.Tensor, xb: torch.Tensor, scale: float) -> torch.Tensor:
     """Eq. 3, xa, xb: N x C x h x w -> N x C x h x w: xb's features gathered at xa's locations."""
     n, c, h, w = xa.shape
-    qa = xa.flatten(2).transpose(1, 2)[:, None]  # N x 1 x hw x C: one head
-    kb = xb.flatten(2).transpose(1, 2)[:, None]
-    out = F.scaled_dot_product_attention(qa, kb, kb, scale=scale)[:, 0]  # N x hw x C
-    return out.transpose(1, 2).reshape(n, c, h, w)
+    out = F.scaled_dot_product_attention(_one_head(xa), _one_head(xb), _one_head(xb), scale=scale)  # N x 1 x hw x C
+    return out[:, 0].transpose(1, 2).reshape(n, c, h, w)
+
+
+def _one_head(x: torch.Tensor) -> torch.Tensor:
+    """N x C x h x w -> N x 1 x hw x C with the channels dense: an NCHW map's transpose has channel
+    stride hw, which sends SDPA to its math path; a channels-last map is already dense (no copy)."""
+    return x.flatten(2).transpose(1, 2).contiguous()[:, None]
 
 
 class FusionCell(nn.Module):

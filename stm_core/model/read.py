@@ -5,9 +5,14 @@ exp(k_q . k_m * scale), normalised over memory (a softmax), so `F.scaled_dot_pro
 computes exactly eq. (1)'s weighted sum. `scale` defaults to 1/sqrt(Ck) as in the official STM
 code (the paper's eq. 2 is the scale=1 case).
 
-SDPA gets 4-D tensors (batch = objects, heads = 1, length, channels): only then can PyTorch pick a
-fused kernel (memory-efficient / flash on CUDA, the blocked flash kernel on CPU), which never
-holds the Lq x Lm affinity matrix. Its math fallback, and the top-k read, do hold it: a read
+SDPA gets 4-D tensors (batch = objects, heads = 1, length, channels), the channel dim dense on
+CUDA. Keys are Ck wide (128 for ResNet-50) and values Cv (512): flash attention needs equal widths,
+on CUDA and on CPU, so it never serves the read. On CUDA the memory-efficient kernel does (fp32 and
+bf16; it takes values wider than keys) and never holds the Lq x Lm affinity matrix. On CPU the only
+fused kernel is flash, so the read takes the math path (two matmuls and a softmax, with the
+affinity matrix). `READ_KERNELS` states this per device and tests/test_attention_kernels.py runs
+the read with only that kernel allowed (and checks that flash refuses it), so a wrong claim fails.
+The math path, and the top-k read, hold the affinities: a read
 whose N x Lq x Lm affinities exceed `READ_CHUNK_ELEMENTS` runs over query locations in chunks
 (each query row's result depends only on that row, so chunks compute the same thing), and a long
 or 720p video never allocates the whole matrix.
@@ -19,12 +24,15 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 # Affinity elements (N x Lq x Lm) one read may hold at once: 2^26 fp32 = 256 MiB, with the softmax's
 # copy ~0.5 GiB, next to ~1 GiB of ResNet-50 activations at 480p. A 480p frame (30 x 54 = 1620
 # locations) against 20 memory frames is 1620 x 32400 = 52M per object: one object reads in one
 # piece, five in about four chunks of whole query rows, which keeps each matmul large.
 READ_CHUNK_ELEMENTS = 1 << 26
+# The SDPA kernel that serves the read on each device (keys Ck wide, values Cv = 4 Ck).
+READ_KERNELS = {"cpu": SDPBackend.MATH, "cuda": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def memory_read(

@@ -512,7 +512,7 @@ def test_evaluate_and_report_end_to_end(tmp_path, monkeypatch):
     assert Path("results/read_probe.png").stat().st_size > 500
     section = text.split("## Where the memory read looks (read probe)")[1].split("## ")[0]
     assert f"| `first` | {100 * probe['memories']['first']['precision']:.1f}% |" in section
-    assert "![read probe](../results/read_probe.png)" in section
+    assert "`../results/read_probe.png`, written by `stm evaluate`" in section and "![read probe]" not in section
     assert {a.path for a in client.list_artifacts(run_id, "read_probe")} == {"read_probe/read_probe.json",
                                                                             "read_probe/read_probe.png"}
     parent = client.get_run(run_id).data.metrics

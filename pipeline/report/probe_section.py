@@ -64,7 +64,8 @@ def section(results_dir: Path, report_dir: Path) -> list[str]:
         lines += [text, ""]
     if record.get("picture"):
         picture = os.path.relpath(results_dir / record["picture"], report_dir)
+        # Named, not embedded: results/ is a DVC output that a fresh clone of the repository lacks.
         lines += [f"Where each target's pixels at `{record.get('picture_source')}` read from its first frame "
-                  f"(right, red: more weight; yellow: the target's outline): `{picture}` (DVC output, also in the "
-                  "MLflow run under `read_probe/`).", "", f"![read probe]({picture})", ""]
+                  f"(right, red: more weight; yellow: the target's outline): `{picture}`, written by `stm evaluate` "
+                  "(a DVC output, not in git; also in the MLflow run under `read_probe/`).", ""]
     return lines

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import storage, tracking
 from pipeline.cluster import ClusterError
 from pipeline.evaluate import outputs
 from pipeline.evaluate.inputs import (
@@ -179,7 +179,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
     mlflow_p = section(params, "mlflow", tracking.MlflowParams)
     variants = parse_variants(p.variants, memory)
     models = checkpoint_files(p, variants)
-    videos = load_sequences(p)
+    videos = load_sequences(p, section(params, "storage", storage.StorageParams).cache_mb)
 
     import ray
 
@@ -204,7 +204,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
           f"MLflow run {parent_id} at {uri}", file=sys.stderr)
 
     writer = outputs.ResultsWriter(results_dir)
-    records = ItemRecords(records_dir(results_dir))
+    records = ItemRecords(records_dir(results_dir, storage.storage_root(params), root))
     status = "FAILED"
     try:
         link_inputs(uri, parent_id, p, models)

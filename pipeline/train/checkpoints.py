@@ -25,9 +25,6 @@ from pipeline.train.loop_config import LoopConfig
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 NAME = re.compile(r"checkpoint_(\d+)_r\d+$")
-# Ray Train's record of the reported checkpoints in the run's storage (rewritten at every report);
-# a restarted worker group gets the newest checkpoint it lists.
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def rng_state(np_rng: np.random.Generator) -> dict:
@@ -57,19 +54,36 @@ def step_of(name: str) -> int | None:
 
 def resume_step(storage_location: str, run: str) -> int:
     """The step the run `run` resumes at: that of the newest checkpoint Ray Train has registered in
-    its storage (the one a restarted or re-run worker group loads), 0 for a fresh run. Read before
-    the worker group starts, so the input starts at that step and makes no clip before it."""
+    its storage (the one a restarted or re-run worker group loads; Ray's public `Result.from_path`),
+    read from the checkpoint's own metadata; 0 for a fresh run. Read before the worker group starts,
+    so the input starts at that step and makes no clip before it. A checkpoint whose step cannot be
+    read is an error, never a silent step 0."""
+    from ray.train import Result
+
     from pipeline import storage
 
-    snapshot = (storage.join(storage_location, run, RAY_SNAPSHOT) if storage.is_uri(storage_location)
-                else str(Path(storage_location) / run / RAY_SNAPSHOT))
+    if storage.is_uri(storage_location):
+        fs, base = storage.filesystem(storage.join(storage_location, run))
+        where = storage.join(storage_location, run)
+    else:
+        fs, base = None, str(Path(storage_location) / run)
+        where = base
     try:
-        raw = storage.read_bytes(snapshot) if storage.is_uri(snapshot) else Path(snapshot).read_bytes()
-        latest = json.loads(raw).get("latest_checkpoint_result") or {}
-    except (FileNotFoundError, ValueError, AttributeError):
+        result = Result.from_path(base, storage_filesystem=fs)
+    except RuntimeError as err:  # no run folder, or no checkpoint reported in it yet: a fresh run
+        if "doesn't exist" in str(err):
+            return 0
+        raise
+    checkpoint = result.checkpoint
+    if checkpoint is None:
         return 0
-    name = latest.get("checkpoint_dir_name") or ""
-    return step_of(name) or 0
+    step = checkpoint.get_metadata().get("step")
+    if step is None:
+        step = step_of(checkpoint.path)
+    if step is None:
+        raise RuntimeError(f"{where}: the newest checkpoint ({checkpoint.path}) records no step (metadata "
+                           f"'step' or a checkpoint_<step> folder name)")
+    return int(step)
 
 
 def report_checkpoint(metrics: dict, network, optimizer, scaler, step: int, rngs: list, totals: dict,
@@ -86,7 +100,9 @@ def report_checkpoint(metrics: dict, network, optimizer, scaler, step: int, rngs
     else:
         folder = Path(tempfile.mkdtemp(prefix="stm-checkpoint-"))
     write_state(str(folder), network, optimizer, scaler, step, rngs, totals, config, world)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name,
+    checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+    checkpoint.set_metadata({"step": step})  # where a resumed run's input starts (resume_step)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
                      delete_local_checkpoint_after_upload=not local)
     if local:  # Ray Train keeps num_to_keep in its storage; here we do
         for old in complete_checkpoints(local)[: -max(1, config.train.num_to_keep)]:

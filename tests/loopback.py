@@ -265,7 +265,6 @@ class Services:
     server holding `bucket`, and an authenticated `mlflow server` listening as on a cluster's head."""
 
     base: Path
-    procs: Processes
     s3: str
     bucket: str
     tracking: str
@@ -281,19 +280,12 @@ class Services:
         import boto3
 
         return boto3.client("s3", endpoint_url=self.s3, region_name=CREDS["AWS_DEFAULT_REGION"],
-                            aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"])
+                            **{k.lower(): CREDS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
 
     def keys(self, prefix: str) -> dict[str, int]:
         """Store key -> size of every object under `prefix` of the bucket."""
-        client, out, token = self.s3_client(), {}, None
-        while True:
-            page = client.list_objects_v2(Bucket=self.bucket, Prefix=prefix,
-                                          **({"ContinuationToken": token} if token else {}))
-            out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
-            if not page.get("IsTruncated"):
-                return out
-            token = page["NextContinuationToken"]
+        pages = self.s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
 def start_services(procs: Processes, base: Path, bucket: str = "stm") -> Services:
@@ -301,20 +293,18 @@ def start_services(procs: Processes, base: Path, bucket: str = "stm") -> Service
     env = {**clean_env(), **CREDS}
     s3 = start_moto(procs, base, env)
     password = "loopback-" + os.urandom(8).hex()
-    services = Services(base, procs, s3, bucket, "", password)
+    services = Services(base, s3, bucket, "", password)
     services.s3_client().create_bucket(Bucket=bucket)
     config = base / "basic_auth.ini"
-    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{base}/auth.db\n"
-                      f"admin_username = {MLFLOW_USER}\n"
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{base}/auth.db\nadmin_username = "
+                      f"{MLFLOW_USER}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     port = free_port()
     args = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "0.0.0.0", "--port",
             str(port), "--allowed-hosts", mlflow_allowed_hosts(), "--backend-store-uri",
             f"sqlite:///{base / 'mlflow.db'}", "--artifacts-destination", f"s3://{bucket}/mlartifacts", "--workers", "1"]
-    proc = procs.start(args, base / "mlflow.log", {**env, "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
-                                                   "MLFLOW_AUTH_CONFIG_PATH": str(config),
-                                                   "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-                                                   "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()})
+    auth = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}
+    proc = procs.start(args, base / "mlflow.log", {**env, "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3, **auth})
     services.tracking = f"http://127.0.0.1:{port}"
     wait_mlflow(services.tracking, proc, base)
     return services
@@ -322,8 +312,7 @@ def start_services(procs: Processes, base: Path, bucket: str = "stm") -> Service
 
 @dataclass
 class Node:
-    """A worker node: `ray start` in its own mount namespace, whose node-local disk (/tmp = TMPDIR, the
-    project's caches, ~/.cache) is one tmpfs of `disk_mb`."""
+    """`ray start` in its own mount namespace: /tmp (TMPDIR, the caches, ~/.cache) a tmpfs of disk_mb."""
 
     name: str
     proc: subprocess.Popen  # the shell inside the namespace (nsenter's target)
@@ -356,15 +345,17 @@ class Cluster:
                 "PYTHONUNBUFFERED": "1", **extra}
 
     def run_on(self, node: int, args: list[str], cwd: Path, timeout: float, **extra: str) -> subprocess.CompletedProcess:
-        """`args` as a driver on worker node `node` (inside its mount namespace: its small disk is /tmp)."""
-        target = ["nsenter", "-t", str(self.nodes[node].proc.pid), "-m", f"--wd={cwd}", "--", *args]
+        """`args` as a driver on worker node `node`, inside its mount namespace (cwd entered there: --wd
+        would keep the host's mount of it, and renames would cross mounts)."""
+        target = ["nsenter", "-t", str(self.nodes[node].proc.pid), "-m", "--", "bash", "-c", 'cd "$0" && exec "$@"',
+                  str(cwd), *args]
         return subprocess.run(target, cwd=cwd, env=self.env(**extra), capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
         self.procs.stop()
         left = self.procs.leftovers()
-        shutil.rmtree(self.home, ignore_errors=True)
         assert not left, f"processes left running: {left}"
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 def start_cluster(services: Services, base: Path, workers: int = 2, cpus: int = 1, disk_mb: int = 16,
@@ -372,8 +363,7 @@ def start_cluster(services: Services, base: Path, workers: int = 2, cpus: int = 
     """Ray's temp folders are short paths in `base/tag` (base under /var/tmp: Unix socket paths are
     limited to 107 bytes, and a driver in another namespace must see the head's session folder).
     `pythonpath`: the code every node's workers import (a cluster image's installed project)."""
-    home = base / tag
-    home.mkdir(parents=True, exist_ok=True)
+    (home := base / tag).mkdir(parents=True, exist_ok=True)
     procs = Processes(f"{home}/")
     env = {**clean_env(), **services.env(), **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     env.pop("MLFLOW_TRACKING_URI")
@@ -391,27 +381,20 @@ def start_cluster(services: Services, base: Path, workers: int = 2, cpus: int = 
         proc = procs.start(["unshare", "-m", "--propagation", "private", "bash", "-c", script], log,
                            {**env, **NODE_ENV, "PYTHONUNBUFFERED": "1"})
         nodes.append(Node(f"{tag}{i}", proc, disk_mb, log))
+    cluster = Cluster(services, procs, head, nodes, home)
     try:
         wait_nodes(head.dashboard_url, workers + 1, 240, nodes[-1].log)
     except BaseException:
-        procs.stop()
+        cluster.stop()
         raise
-    return Cluster(services, procs, head, nodes, home)
+    return cluster
 
 
 def project_copy(repo: Path, dest: Path) -> Path:
     """The repository's files as `ray job submit --working-dir` would upload them (no venv, no outputs)."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
                             text=True, check=True).stdout.split("\n")
-    for rel in filter(None, listed):
-        src = repo / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
+    for rel in (r for r in listed if r and (repo / r).is_file()):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / rel, dest / rel)
     return dest
-
-
-def can_hide_disks() -> bool:
-    """Root, Linux and unshare/nsenter: what the nodes' private mount namespaces need."""
-    return (sys.platform == "linux" and os.geteuid() == 0 and shutil.which("unshare") is not None
-            and shutil.which("nsenter") is not None)

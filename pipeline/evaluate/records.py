@@ -3,12 +3,13 @@
 DVC empties a stage's outputs (results/) before it runs the stage again, so the records live beside
 them, in `results.partial/` (git-ignored, not a DVC output), or with `storage.root` set at
 `<root>/results.partial/`: a cluster deleted after a failure (a RayJob's `shutdownAfterJobFinishes`)
-takes no finished item with it, and the re-run on a new cluster evaluates only the missing ones. One folder per finished item, named by
-a digest of everything its result depends on (the variant, the checkpoint's sha256, the settings
-that change masks or scores, the sequence and its frame count): a record is reused only for the
-same work. Each record appears whole or not at all (a folder written aside, then renamed; in the
-store its `result.json` is written last and is what marks it finished). A stage that
-finishes deletes the folder; one that fails or is stopped leaves it for the re-run.
+takes no finished item with it, and the re-run on a new cluster evaluates only the missing ones.
+One folder per finished item, named by a digest of everything its result depends on (the variant,
+the checkpoint's sha256, the settings that change masks or scores, the sequence and its frame
+count): a record is reused only for the same work. Each record appears whole or not at all (a
+folder written aside, then renamed; in the store its `result.json` is written last and is what
+marks it finished). A stage that finishes deletes the records; one that fails or is stopped leaves
+them for the re-run.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def scaled_params(scale: int, steps: int, images: int, size: int) -> dict:
     p["train"].update(common, max_skip=2)
     p["ray"].update(num_workers=2, cpus_per_worker=1.0, data_max_actors=1, eval_actors=2,
                     placement_strategy="SPREAD")
-    p["memory"].update(slots=2)
+    p["memory"].update(slots=3)
     p["evaluate"].update(variants=["copy-first", "stm:first", "strmn:C"], max_sequences=2, overlays=0, num_cpus=1.0,
                          max_size=128, probe_sequences=0, dataset=f"{ROOT}/data/raw/builtin-videos",
                          stm_model=f"{ROOT}/models/main/model.pt",

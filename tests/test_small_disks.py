@@ -49,7 +49,7 @@ def small_disk_params() -> dict:
     p["pretrain"].update(val_every=2, val_clips=2, plateau_patience=1, crop=64, warmup_steps=0, checkpoint_every=2,
                          log_every=2, log_images_every=0, max_failures=0, shuffle_buffer=4, materialize=None)
     p["ray"].update(num_workers=1, cpus_per_worker=1.0, data_max_actors=1, eval_actors=2)
-    p["memory"].update(slots=2)
+    p["memory"].update(slots=3)
     p["evaluate"].update(variants=["copy-first", "strmn:C"], max_sequences=2, overlays=0, num_cpus=1.0,
                          dataset=f"{ROOT}/data/raw/builtin-videos", strmn_model=f"{ROOT}/models/strmn-pretrain/model.pt",
                          probe_sequences=0, max_size=128)

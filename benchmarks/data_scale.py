@@ -1,18 +1,23 @@
-"""Memory and node-local disk of the cluster data path as the datasets grow.
+"""Memory, node-local disk and stage times of the papers' path as the data grow, on nodes with less
+disk than the data.
 
-    python benchmarks/data_scale.py [--scales 1 4] [--steps 12] [--json OUT]
+    python benchmarks/data_scale.py [--scales 1 4] [--node-disk-mb 64] [--steps 8] [--json OUT]
+                                    [--base-images 24] [--size 384] [--plant-copy]
 
-For each scale, in a fresh copy of the project (the files `ray job submit --working-dir` uploads):
-the built-in images and videos at `scale` x their base count, then `stm download`, `stm synthesize`
-(clips in proportion to the images), `stm train --stage pretrain` and `--stage main`, each for the
-same number of steps, through the cluster path: `storage.root` at a loopback S3 server (moto), 2 Ray
-Train workers, streamed input (`materialize: false`). Writes
+Each scale runs on a fresh one-machine cluster (`tests/loopback.py`, the fixture the tests use): a
+head with 0 CPUs and two worker nodes, each in its own mount namespace whose node-local disk (/tmp,
+TMPDIR, the caches, ~/.cache) is a tmpfs of `--node-disk-mb`; the store on a loopback S3 server;
+an authenticated MLflow server. Every stage's driver runs on worker node 0: download, synthesize
+(both sets), STM and STRMN pretraining (STRMN on the plateau schedule, with its validation), main
+training of both models, evaluation of three variants, report, and `stm segment` of the store
+dataset. Sampled every 0.5 s while the stages run: each node's resident memory (the sum over all
+its processes) and its tmpfs use; the stage times. `--plant-copy` copies the STRMN set onto node
+0's disk after synthesis (`storage.node_cache`), so the disk bound can be seen to fail.
 
-    {"runs": [{"scale": 1, "peak_rss_mb": ..., "node_local_mb": ..., "stages": {"download": s, ...}}, ...]}
-
-`peak_rss_mb`: the largest peak resident set (VmHWM) of any process of the run (the stage, Ray's
-workers and daemons), sampled every 0.2 s. `node_local_mb`: the bytes the run left on this node
-outside the DVC outputs and the store (Ray's temp dir, caches, the project copy's other files).
+The bounds (printed, and in the JSON): every stage completes at every scale; per node, peak RSS
+growth from the first to the last scale at most 10% of the data's growth; pretraining and main
+training time at the last scale at most 1.25x that at the first (fixed steps); peak node-local
+disk at most 25% of the data at the last scale.
 """
 
 from __future__ import annotations
@@ -22,171 +27,181 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-BUCKET = "stm-scale"
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-DVC_OUTPUTS = ("data", "models", "metrics", "plots", "results", "reports")  # dvc.yaml outs live under these
-STAGES = (("download", ["download"]), ("synthesize", ["synthesize", "--set", "stm"]),
-          ("pretrain", ["train", "--stage", "pretrain", "--model", "stm"]),
-          ("train", ["train", "--stage", "main", "--model", "stm"]))
+sys.path.insert(0, str(REPO))
+from tests import loopback as lb  # noqa: E402 - the fixture lives with the tests
+
+ROOT = "s3://stm/run"
+STAGES = (("download", ["download"]), ("synthesize", ["synthesize"]),
+          ("pretrain-stm", ["train", "--stage", "pretrain", "--model", "stm"]),
+          ("pretrain-strmn", ["train", "--stage", "pretrain", "--model", "strmn"]),
+          ("train-stm", ["train", "--stage", "main", "--model", "stm"]),
+          ("train-strmn", ["train", "--stage", "main", "--model", "strmn", "--rule", "C"]),
+          ("evaluate", ["evaluate"]), ("report", ["report"]))
+TIMED = ("pretrain-stm", "pretrain-strmn", "train-stm", "train-strmn")
 
 
-def scaled_params(scale: int, steps: int, store: str) -> dict:
-    """params.yaml at small sizes with `scale` x the images, videos and clips; the same steps."""
+def scaled_params(scale: int, steps: int, images: int, size: int) -> dict:
+    """params.yaml with `scale` x the images, videos and clips at `size` px; the same steps."""
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     src = p["download"]["sources"]
     p["download"]["sources"] = {
-        "builtin-images": {**src["builtin-images"], "count": 32 * scale, "size": 64},
-        "builtin-videos": {**src["builtin-videos"], "style": "easy", "height": 64, "width": 64, "frames": 12,
-                           "train_sequences": 4 * scale, "val_sequences": 1},
+        "builtin-images": {**src["builtin-images"], "count": images * scale, "size": size},
+        "builtin-videos": {**src["builtin-videos"], "style": "easy", "height": size, "width": size, "frames": 10,
+                           "train_sequences": 4 * scale, "val_sequences": 3},
     }
-    p["synthesize"].update(sets={"stm": {"frames": 3, "clips": 64 * scale}}, height=64, width=64,
-                           clips_per_shard=16, num_actors=1)
+    p["download"]["keep_archives"] = False
+    p["synthesize"].update(sets={"stm": {"frames": 3, "clips": 8 * images * scale // 3, "sources": None, "val_clips": 0},
+                                 "strmn": {"frames": 3, "clips": 8 * images * scale // 3, "sources": None,
+                                           "val_clips": 4}},
+                           height=size, width=size, clips_per_shard=16, num_actors=2, val_share=0.2)
     p["model"].update(decoder_dim=16, fusion_dim=8)
-    common = dict(steps=steps, batch_size=2, crop=48, warmup_steps=0, checkpoint_every=steps, log_every=steps,
+    p["strmn"].update(pretrain_steps=steps, main_steps=steps, pretrain_frames=3, main_frames=5, batch_size=2,
+                      rules=["C"], pretrain_lr_schedule="plateau")
+    common = dict(steps=steps, batch_size=2, crop=96, warmup_steps=0, checkpoint_every=steps, log_every=steps,
                   log_images_every=0, shuffle_buffer=8, materialize=False)
-    p["pretrain"].update(common)
+    p["pretrain"].update(common, val_every=max(1, steps // 2), val_clips=2, plateau_patience=1)
     p["train"].update(common, max_skip=2)
-    # 4 logical CPUs: the 2 training workers take 1 each and the streaming input keeps its own
-    p["ray"].update(num_workers=2, cpus_per_worker=1.0, num_cpus=4, data_max_actors=1)
-    p["storage"] = {"root": store, "cache_mb": 0}
+    p["ray"].update(num_workers=2, cpus_per_worker=1.0, data_max_actors=1, eval_actors=2,
+                    placement_strategy="SPREAD")
+    p["memory"].update(slots=3)
+    p["evaluate"].update(variants=["copy-first", "stm:first", "strmn:C"], max_sequences=2, overlays=0, num_cpus=1.0,
+                         max_size=128, probe_sequences=0, dataset=f"{ROOT}/data/raw/builtin-videos",
+                         stm_model=f"{ROOT}/models/main/model.pt",
+                         strmn_model=f"{ROOT}/models/strmn-main/{{rule}}/model.pt")
+    p["storage"] = {"root": ROOT, "cache_mb": 0}
     p["mlflow"] = {"experiment": "data-scale", "tracking_uri": ""}
     return p
 
 
-def project_copy(dest: Path) -> Path:
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.split("\n")
-    for rel in filter(None, listed):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    return dest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_s3(log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+def tree_rss(root: int) -> int:
+    """Resident bytes of `root` and all its descendants (a node: `ray start`, raylet, workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
         try:
-            urllib.request.urlopen(url, timeout=1)
-            break
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
         except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited: {log.read_text()[-2000:]}") from None
-            time.sleep(0.2)
-    import boto3
-
-    boto3.client("s3", endpoint_url=url, region_name=CREDS["AWS_DEFAULT_REGION"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-    return proc, url
+            pass
+    return total
 
 
-class PeakRss:
-    """The largest VmHWM of `root` and its descendants, polled in a thread."""
+class Sampler:
+    """Peak RSS per node (head included) and peak tmpfs use per worker node, polled in a thread."""
 
-    def __init__(self, root: int):
-        self.root, self.peak_kb, self._stop = root, 0, threading.Event()
+    def __init__(self, cluster: lb.Cluster, head_pid: int, every: float = 0.5):
+        self.cluster, self.head_pid, self.every = cluster, head_pid, every
+        self.rss = {"head": 0, **{n.name: 0 for n in cluster.nodes}}
+        self.disk = {n.name: 0 for n in cluster.nodes}
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
-    def _tree(self) -> list[int]:
-        children: dict[int, list[int]] = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(entry.name))
-        tree, todo = [], [self.root]
-        while todo:
-            pid = todo.pop()
-            tree.append(pid)
-            todo += children.get(pid, [])
-        return tree
-
     def _poll(self) -> None:
-        while not self._stop.wait(0.2):
-            for pid in self._tree():
+        while not self._stop.wait(self.every):
+            self.rss["head"] = max(self.rss["head"], tree_rss(self.head_pid))
+            for n in self.cluster.nodes:
+                self.rss[n.name] = max(self.rss[n.name], tree_rss(n.proc.pid))
                 try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+                    self.disk[n.name] = max(self.disk[n.name], n.disk_used())
                 except OSError:
                     pass
 
-    def stop(self) -> float:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        return self.peak_kb / 1024
 
 
-def folder_mb(path: Path, skip: tuple[Path, ...] = ()) -> float:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        dirs[:] = [d for d in dirs if Path(root, d) not in skip]
-        total += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
-    return total / 2**20
+def plant_copy(cluster: lb.Cluster, proj: Path) -> None:
+    """A whole-set copy on node 0 (what the disk bound must catch)."""
+    code = f"from pipeline import storage; print(storage.node_cache('{ROOT}/data/synthetic/strmn'))"
+    done = cluster.run_on(0, [sys.executable, "-c", code], proj, 600, PYTHONPATH=str(REPO))
+    print(f"  planted copy: rc {done.returncode} {done.stderr.strip().splitlines()[-1:] }", flush=True)
 
 
-def run_scale(scale: int, steps: int, work: Path) -> dict:
-    base = work / f"scale-{scale}"
-    node = base / "node"  # everything node-local this run may leave: Ray's temp dir, caches, TMPDIR
-    proj = project_copy(base / "proj")
-    before = folder_mb(proj)
-    for sub in ("tmp", "ray", "cache"):
-        (node / sub).mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DVC_ROOT")}
-    env.update(CREDS, TMPDIR=str(node / "tmp"), RAY_TMPDIR=str(node / "ray"), STM_NODE_CACHE=str(node / "cache"),
-               PYTHONUNBUFFERED="1")
-    s3, url = start_s3(base / "moto.log", env)
-    env.update(AWS_ENDPOINT_URL=url)
+def run_scale(scale: int, args: argparse.Namespace, work: Path) -> dict:
+    base = Path(tempfile.mkdtemp(prefix=f"dsc{scale}-", dir=work))
+    procs = lb.Processes(str(base))
     stages: dict[str, float] = {}
-    peak = 0.0
+    failed: dict[str, str] = {}
+    data, sampler = 0, None
     try:
-        (proj / "params-scale.yaml").write_text(yaml.safe_dump(scaled_params(scale, steps, f"s3://{BUCKET}/run")))
-        for name, args in STAGES:
-            cmd = [sys.executable, "-m", "pipeline.cli", *args, "--params", "params-scale.yaml"]
-            log = base / f"{name}.log"
-            t0 = time.perf_counter()
-            with log.open("wb") as out:
-                proc = subprocess.Popen(cmd, cwd=proj, env=env, stdout=out, stderr=subprocess.STDOUT)
-                rss = PeakRss(proc.pid)
-                rc = proc.wait()
-                peak = max(peak, rss.stop())
-            stages[name] = round(time.perf_counter() - t0, 1)
-            print(f"  scale {scale}: {name} {stages[name]:.0f} s (rc {rc})", flush=True)
-            if rc != 0:
-                raise RuntimeError(f"`stm {' '.join(args)}` failed at scale {scale} (rc {rc}); log {log}:\n"
-                                   f"{log.read_text()[-4000:]}")
+        services = lb.start_services(procs, base)
+        cluster = lb.start_cluster(services, base, workers=2, cpus=2, disk_mb=args.node_disk_mb, tag="c",
+                                   pythonpath=str(REPO))
+        head_pid = cluster.procs.procs[0].pid
+        proj = lb.project_copy(REPO, base / "proj")
+        (proj / "params-scale.yaml").write_text(yaml.safe_dump(scaled_params(scale, args.steps, args.base_images,
+                                                                             args.size)))
+        sampler = Sampler(cluster, head_pid)
+        try:
+            segment = ["segment", "--checkpoint", f"{ROOT}/models/main/model.pt", "--dataset",
+                       f"{ROOT}/data/raw/builtin-videos", "--out", f"{ROOT}/segment", "--workers", "2"]
+            runs = [(n, c if n == "report" else [*c, "--params", "params-scale.yaml"]) for n, c in STAGES]
+            for name, cmd in [*runs, ("segment", segment)]:
+                t0 = time.perf_counter()
+                done = cluster.run_on(0, [sys.executable, "-m", "pipeline.cli", *cmd], proj, 3600, PYTHONPATH=str(REPO))
+                stages[name] = round(time.perf_counter() - t0, 1)
+                (base / f"{name}.log").write_text(done.stdout + done.stderr)
+                print(f"  scale {scale}: {name} {stages[name]:.0f} s (rc {done.returncode})", flush=True)
+                if done.returncode != 0:
+                    failed[name] = (done.stdout + done.stderr).strip().splitlines()[-1][-300:]
+                    if name in ("download", "synthesize"):
+                        break
+                if name == "download":  # the benchmark in the bucket, as a user puts it there
+                    code = ("from pathlib import Path; from pipeline import storage; storage.publish("
+                            f"Path('data/raw/builtin-videos'), '{ROOT}/data/raw/builtin-videos')")
+                    cluster.run_on(0, [sys.executable, "-c", code], proj, 600, PYTHONPATH=str(REPO))
+                if name == "synthesize" and args.plant_copy:
+                    plant_copy(cluster, proj)
+        finally:
+            sampler.stop()  # after every stage, before the cluster goes
+            data = sum(services.keys("run/data/").values())
+            cluster.stop()
     finally:
-        os.killpg(s3.pid, 15) if s3.poll() is None else None
-        s3.wait(timeout=20)
-    outputs = tuple(proj / d for d in DVC_OUTPUTS)
-    local = folder_mb(node) + max(0.0, folder_mb(proj, skip=outputs) - before)
-    return {"scale": scale, "peak_rss_mb": round(peak, 1), "node_local_mb": round(local, 2),
-            "dvc_outputs_mb": round(sum(folder_mb(o) for o in outputs if o.exists()), 2), "stages": stages}
+        procs.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    if sampler is None:
+        raise RuntimeError(f"scale {scale}: the cluster did not start")
+    return {"scale": scale, "data_mb": round(data / 2**20, 1), "node_disk_mb": args.node_disk_mb,
+            "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in sampler.rss.items()},
+            "peak_node_disk_mb": {k: round(v / 2**20, 2) for k, v in sampler.disk.items()},
+            "stages": stages, "failed": failed}
+
+
+def bounds(runs: list[dict]) -> dict:
+    """The four bounds between the first and the last scale."""
+    a, b = runs[0], runs[-1]
+    growth = b["data_mb"] - a["data_mb"]
+    rss = {n: round(b["peak_rss_mb"][n] - a["peak_rss_mb"][n], 1) for n in a["peak_rss_mb"]}
+    times = {s: round(b["stages"].get(s, 0) / max(a["stages"].get(s, 1e-9), 1e-9), 2) for s in TIMED}
+    disk = max(b["peak_node_disk_mb"].values())
+    return {
+        "every_stage_completes": all(not r["failed"] and len(r["stages"]) == len(STAGES) + 1 for r in runs),
+        "disk_below_half_the_data_at_first": a["node_disk_mb"] <= a["data_mb"] / 2,
+        "rss_growth_mb": rss, "rss_growth_within_10pct_of_data_growth": all(g <= 0.1 * growth for g in rss.values()),
+        "time_ratio": times, "time_within_1.25x": all(t <= 1.25 for t in times.values()),
+        "peak_node_disk_mb": disk, "disk_within_25pct_of_data": disk <= 0.25 * b["data_mb"],
+    }
 
 
 def cpu_model() -> str:
@@ -199,24 +214,22 @@ def cpu_model() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--steps", type=int, default=12, help="training steps per stage, the same at every scale")
+    ap.add_argument("--steps", type=int, default=8, help="training steps per stage, the same at every scale")
+    ap.add_argument("--node-disk-mb", type=int, default=64, help="each worker node's tmpfs")
+    ap.add_argument("--base-images", type=int, default=24, help="built-in images at 1x (videos: 4 per scale)")
+    ap.add_argument("--size", type=int, default=384, help="frame side in pixels (the papers train at 384)")
+    ap.add_argument("--plant-copy", action="store_true", help="copy the STRMN set onto node 0 (the bound must fail)")
     ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--keep", type=Path, help="work here and keep it (default: a temp folder, removed)")
     args = ap.parse_args()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="stm-scale-"))
+    work = Path(tempfile.mkdtemp(prefix="stmds-", dir="/var/tmp"))  # short paths: Unix sockets
+    load = os.getloadavg()
     try:
-        runs = [run_scale(s, args.steps, work) for s in args.scales]
+        runs = [run_scale(s, args, work) for s in args.scales]
     finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
-    first = runs[0]
-    for r in runs:
-        print(f"scale {r['scale']}: peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"({r['peak_rss_mb'] / first['peak_rss_mb']:.2f}x), node-local {r['node_local_mb']:.1f} MB "
-              f"({r['node_local_mb'] / max(first['node_local_mb'], 1e-9):.2f}x), DVC outputs "
-              f"{r['dvc_outputs_mb']:.1f} MB, stages {r['stages']}")
-    result = {"runs": runs, "steps": args.steps, "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
-              "python": platform.python_version()}
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"runs": runs, "bounds": bounds(runs), "steps": args.steps,
+              "machine": f"{cpu_model()}, {os.cpu_count()} CPUs", "load_before": load, "load_after": os.getloadavg()}
+    print(json.dumps(result, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

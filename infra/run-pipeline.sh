@@ -63,6 +63,9 @@ if [[ "$remote" != "none" ]]; then
   [[ -n "$url" ]] || { echo "run-pipeline.sh: no DVC remote 'cluster' in .dvc/config and no STM_DVC_REMOTE" >&2; exit 2; }
   dvc remote default --local cluster  # what `dvc repro --pull` pulls from
 fi
+# The head keeps each dataset once: workspace outputs are hard links into DVC's cache, not copies
+# (with download.keep_archives false in params-paper.yaml, no archive stays beside them either).
+dvc config --local cache.type hardlink,copy
 echo "run-pipeline.sh: params=$params remote=${url:-<none>} RAY_ADDRESS=${RAY_ADDRESS:-<local>}" \
      "STM_STORAGE_ROOT=${STM_STORAGE_ROOT:-<local>} MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-<local sqlite>}" >&2
 

@@ -269,6 +269,10 @@ class StoreFile(os.PathLike):
     def __fspath__(self) -> str:
         return str(file_cache(self.cache_mb).path(self.uri))
 
+    def read_bytes(self) -> bytes:
+        """The file's bytes straight from the store (Path.read_bytes; nothing written to the node's disk)."""
+        return read_bytes(self.uri)
+
     def __repr__(self) -> str:
         return self.uri
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -251,3 +252,149 @@ def job_status(head: RayHead, job_id: str) -> str:
     done = subprocess.run([RAY_CLI, "job", "status", "--address", head.dashboard_url, job_id],
                           env=clean_env(), capture_output=True, text=True, timeout=60)
     return done.stdout + done.stderr
+
+
+# --------------------------------------------- a one-machine cluster whose nodes have small disks
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+MLFLOW_USER = "admin"
+
+
+@dataclass
+class Services:
+    """What outlives a cluster (as a bucket and a tracking server outlive a deleted RayJob): a moto S3
+    server holding `bucket`, and an authenticated `mlflow server` listening as on a cluster's head."""
+
+    base: Path
+    s3: str
+    bucket: str
+    tracking: str
+    password: str
+
+    def env(self) -> dict[str, str]:
+        """What every process of a run needs to reach the store and MLflow."""
+        return {**CREDS, "AWS_ENDPOINT_URL": self.s3, "MLFLOW_S3_ENDPOINT_URL": self.s3,
+                "MLFLOW_TRACKING_URI": self.tracking, "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+                "MLFLOW_TRACKING_PASSWORD": self.password}
+
+    def s3_client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.s3, region_name=CREDS["AWS_DEFAULT_REGION"],
+                            **{k.lower(): CREDS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+
+    def keys(self, prefix: str) -> dict[str, int]:
+        """Store key -> size of every object under `prefix` of the bucket."""
+        pages = self.s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+
+def start_services(procs: Processes, base: Path, bucket: str = "stm") -> Services:
+    """moto S3 (with `bucket`) and `mlflow server --app-name basic-auth` (artifacts in the bucket)."""
+    env = {**clean_env(), **CREDS}
+    s3 = start_moto(procs, base, env)
+    password = "loopback-" + os.urandom(8).hex()
+    services = Services(base, s3, bucket, "", password)
+    services.s3_client().create_bucket(Bucket=bucket)
+    config = base / "basic_auth.ini"
+    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{base}/auth.db\nadmin_username = "
+                      f"{MLFLOW_USER}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = free_port()
+    args = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "0.0.0.0", "--port",
+            str(port), "--allowed-hosts", mlflow_allowed_hosts(), "--backend-store-uri",
+            f"sqlite:///{base / 'mlflow.db'}", "--artifacts-destination", f"s3://{bucket}/mlartifacts", "--workers", "1"]
+    auth = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}
+    proc = procs.start(args, base / "mlflow.log", {**env, "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3, **auth})
+    services.tracking = f"http://127.0.0.1:{port}"
+    wait_mlflow(services.tracking, proc, base)
+    return services
+
+
+@dataclass
+class Node:
+    """`ray start` in its own mount namespace: /tmp (TMPDIR, the caches, ~/.cache) a tmpfs of disk_mb."""
+
+    name: str
+    proc: subprocess.Popen  # the shell inside the namespace (nsenter's target)
+    disk_mb: int
+    log: Path
+
+    def disk_used(self) -> int:
+        """Bytes used now on the node's tmpfs (seen through its namespace)."""
+        st = os.statvfs(f"/proc/{self.proc.pid}/root/tmp")
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+NODE_DISK = "/tmp"
+NODE_ENV = {"TMPDIR": NODE_DISK, "STM_NODE_CACHE": f"{NODE_DISK}/stm-cache", "XDG_CACHE_HOME": f"{NODE_DISK}/.cache"}
+
+
+@dataclass
+class Cluster:
+    """A head with 0 CPUs and worker nodes with small disks; `stop()` deletes it (the services stay)."""
+
+    services: Services
+    procs: Processes
+    head: RayHead
+    nodes: list[Node]
+    home: Path  # Ray's temp folders and the logs
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A driver's environment: this cluster, the store, MLflow, a node's disk for its temp files."""
+        return {**clean_env(), **self.services.env(), **NODE_ENV, "RAY_ADDRESS": self.head.gcs_address,
+                "PYTHONUNBUFFERED": "1", **extra}
+
+    def run_on(self, node: int, args: list[str], cwd: Path, timeout: float, **extra: str) -> subprocess.CompletedProcess:
+        """`args` as a driver on worker node `node`, inside its mount namespace (cwd entered there: --wd
+        would keep the host's mount of it, and renames would cross mounts)."""
+        target = ["nsenter", "-t", str(self.nodes[node].proc.pid), "-m", "--", "bash", "-c", 'cd "$0" && exec "$@"',
+                  str(cwd), *args]
+        return subprocess.run(target, cwd=cwd, env=self.env(**extra), capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        self.procs.stop()
+        left = self.procs.leftovers()
+        assert not left, f"processes left running: {left}"
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def start_cluster(services: Services, base: Path, workers: int = 2, cpus: int = 1, disk_mb: int = 16,
+                  tag: str = "c", pythonpath: str = "") -> Cluster:
+    """Ray's temp folders are short paths in `base/tag` (base under /var/tmp: Unix socket paths are
+    limited to 107 bytes, and a driver in another namespace must see the head's session folder).
+    `pythonpath`: the code every node's workers import (a cluster image's installed project)."""
+    (home := base / tag).mkdir(parents=True, exist_ok=True)
+    procs = Processes(f"{home}/")
+    env = {**clean_env(), **services.env(), **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    env.pop("MLFLOW_TRACKING_URI")
+    head = start_head(procs, home / "h", home / "head.log", cpus=0, env=env)
+    cache = Path(os.path.expanduser("~")) / ".cache"
+    mounts = (f"mount -t tmpfs -o size={disk_mb}m none {NODE_DISK} && mkdir -p {NODE_DISK}/.cache {_q(cache)} && "
+              f"mount --bind {NODE_DISK}/.cache {_q(cache)}")
+    nodes = []
+    for i in range(workers):
+        ray = " ".join(_q(a) for a in [RAY_CLI, "start", "--block", "--address", head.gcs_address,
+                                       "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", "0",
+                                       "--temp-dir", str(home / str(i)), *agent_ports()])
+        script = f"set -e; {mounts}; for attempt in 1 2 3; do {ray} && exit 0; echo retrying >&2; sleep 5; done; exit 1"
+        log = home / f"node{i}.log"
+        proc = procs.start(["unshare", "-m", "--propagation", "private", "bash", "-c", script], log,
+                           {**env, **NODE_ENV, "PYTHONUNBUFFERED": "1"})
+        nodes.append(Node(f"{tag}{i}", proc, disk_mb, log))
+    cluster = Cluster(services, procs, head, nodes, home)
+    try:
+        wait_nodes(head.dashboard_url, workers + 1, 240, nodes[-1].log)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def project_copy(repo: Path, dest: Path) -> Path:
+    """The repository's files as `ray job submit --working-dir` would upload them (no venv, no outputs)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout.split("\n")
+    for rel in (r for r in listed if r and (repo / r).is_file()):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / rel, dest / rel)
+    return dest

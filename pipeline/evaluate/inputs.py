@@ -20,8 +20,12 @@ from stm_core.model.checkpoint import CheckpointError
 TRAIN_HINT = {"stm": "stm train --stage main", "strmn": "stm train --stage main --model strmn"}
 
 
-def load_sequences(p: EvaluateParams) -> list[VideoSequence]:
-    root = storage.local_or_cached(p.dataset)  # a URI: the driver's cached copy
+def load_sequences(p: EvaluateParams, cache_mb: float = 0.0) -> list[VideoSequence]:
+    """The benchmark's sequences. At a URI they are indexed from one listing and each file is read
+    from the store when its item is sent (`pipeline.remote_data`): no copy of the set on any node."""
+    if storage.is_uri(p.dataset):
+        return _pick(p, _sequences_at(p, cache_mb), p.dataset)
+    root = Path(p.dataset)
     if not root.is_dir():
         raise DataError(f"{root}: benchmark dataset folder not found (evaluate.dataset; the built-in one "
                         "comes from `stm download` / `dvc repro download`)")
@@ -32,16 +36,33 @@ def load_sequences(p: EvaluateParams) -> list[VideoSequence]:
         videos = read_davis(root, p.split, year=p.year, resolution=p.resolution, sequences=p.sequences or None)
     else:
         videos = read_youtube_vos(root, p.split)
-        if p.sequences:
-            by_name = {v.name: v for v in videos}
-            missing = [s for s in p.sequences if s not in by_name]
-            if missing:
-                raise DataError(f"{root / p.split}: sequence(s) {missing} not found")
-            videos = [by_name[s] for s in p.sequences]
+    return _pick(p, videos, str(root))
+
+
+def _sequences_at(p: EvaluateParams, cache_mb: float) -> list[VideoSequence]:
+    from pipeline.remote_data import read_davis_at, read_youtube_vos_at
+
+    fmt = p.format
+    if fmt == "auto":
+        fmt = "davis" if storage.list_files(storage.join(p.dataset, "JPEGImages")) else "youtube-vos"
+    if fmt == "davis":  # a split file does not limit the names given in evaluate.sequences
+        return read_davis_at(p.dataset, None if p.sequences else p.split, cache_mb, year=p.year,
+                             resolution=p.resolution)
+    return read_youtube_vos_at(p.dataset, p.split, cache_mb)
+
+
+def _pick(p: EvaluateParams, videos: list[VideoSequence], where: str) -> list[VideoSequence]:
+    """evaluate.sequences (in their order) and evaluate.max_sequences of `videos`."""
+    if p.sequences:
+        by_name = {v.name: v for v in videos}
+        missing = [s for s in p.sequences if s not in by_name]
+        if missing:
+            raise DataError(f"{where}: sequence(s) {missing} not found")
+        videos = [by_name[s] for s in p.sequences]
     if p.max_sequences > 0:
         videos = videos[: p.max_sequences]
     if not videos:
-        raise DataError(f"{root}: no sequences in split {p.split!r}")
+        raise DataError(f"{where}: no sequences in split {p.split!r}")
     return videos
 
 

@@ -26,7 +26,7 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import storage, tracking
 from pipeline.cluster import ClusterError
 from pipeline.evaluate import outputs
 from pipeline.evaluate.inputs import (
@@ -180,7 +180,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
     mlflow_p = section(params, "mlflow", tracking.MlflowParams)
     variants = parse_variants(p.variants, memory)
     models = checkpoint_files(p, variants)
-    videos = load_sequences(p)
+    videos = load_sequences(p, section(params, "storage", storage.StorageParams).cache_mb)
 
     import ray
 
@@ -205,7 +205,7 @@ def evaluate(params_path: str | Path, results_dir: Path, metrics_path: Path, plo
           f"MLflow run {parent_id} at {uri}", file=sys.stderr)
 
     writer = outputs.ResultsWriter(results_dir)
-    records = ItemRecords(records_dir(results_dir))
+    records = ItemRecords(records_dir(results_dir, storage.storage_root(params), root))
     status = "FAILED"
     monitor = ExitStack()  # this node's CPU, memory (and GPU) use as the parent's system/ metrics
     monitor.enter_context(tracking.system_metrics(uri, parent_id))

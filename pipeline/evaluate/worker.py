@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -78,15 +76,9 @@ class NetworkCache:
         setting, 0 reads all memory locations, k > 0 the k best."""
         key = (digest, top_k, device)
         if key not in self.networks:
-            data = fetch()
-            fd, tmp = tempfile.mkstemp(suffix=".pt")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                overrides = {} if top_k is None else {"top_k": top_k or None}
-                network = load_checkpoint(tmp, map_location=device, **overrides).to(device)
-            finally:
-                os.unlink(tmp)
+            overrides = {} if top_k is None else {"top_k": top_k or None}
+            # from the bytes: a checkpoint may be larger than the node's disk
+            network = load_checkpoint(fetch(), map_location=device, **overrides).to(device)
             _warm_up(network, torch.device(device))
             self.networks[key] = network
             self.loads[digest] = self.loads.get(digest, 0) + 1

@@ -15,10 +15,11 @@ import torch
 from pipeline import storage, tracking
 from pipeline.runguard import RunLock, Stopped, call_interruptibly
 from pipeline.train import registry, runs
+from pipeline.train.checkpoints import METRICS_FILE, checkpoint_file, load_state
 from pipeline.train.data import DataSpec
 from pipeline.train.input import DatasetFactory
 from pipeline.train.local_shard import LocalShard
-from pipeline.train.loop import METRICS_FILE, STATE_FILE, train_loop
+from pipeline.train.loop import train_loop
 from pipeline.train.loop_config import Fault, InputPool, LoopConfig, Resume, holdout
 from pipeline.train.settings import (
     RUN_ID_FILE,
@@ -144,9 +145,8 @@ def loss_curve_csv(curve: list) -> bytes:
 def export(result_checkpoint, s: TrainSettings) -> tuple[dict, STMNetwork]:
     """Final checkpoint -> models/.../model.pt (state dict + config, weights_only-safe); returns the
     training summary (its loss curve included) and the trained network."""
-    with result_checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-        metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
+    state = load_state(result_checkpoint)  # read where it lives: no copy on the driver's disk
+    metrics = json.loads(checkpoint_file(result_checkpoint, METRICS_FILE))
     network = STMNetwork(ModelConfig(**{**state["model_config"], "pretrained": "none"}))
     network.load_state_dict(state["model"])
     save_checkpoint(s.model_out, network, step=int(state["step"]), training_data=training_data(s))

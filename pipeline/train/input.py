@@ -98,10 +98,13 @@ def build_dataset(config: LoopConfig, total_steps: int, global_batch: int, mater
     low, high = max(1, pool.min_actors), max(1, pool.max_actors)
     limit = pool.materialize_max_mb
     if data.kind == "parquet":
-        ds = read_parquet(data.path).map_batches(
+        source = read_parquet(data.path)
+        # Counted before the decode: the Parquet metadata answer. count() after map_batches runs the
+        # whole decode once and throws it away (measured: every row went through the decoder).
+        rows = source.count()
+        ds = source.map_batches(
             decode_synthetic, fn_kwargs={"crop": tp.crop, "max_objects": tp.max_objects, "seed": config.seed},
             batch_format="numpy", batch_size=DECODE_BATCH, compute=TaskPoolStrategy(size=high), num_cpus=cpus)
-        rows = ds.count()  # from the Parquet metadata
     else:
         offset = start * global_batch
         rows = video_rows(total_steps, global_batch) - offset

@@ -11,6 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import tracking
@@ -65,6 +69,18 @@ def version_tags(s, sha: str, checkpoints: str, params: dict) -> dict[str, str]:
     return tags
 
 
+@contextmanager
+def temp_dir_beside(path: Path) -> Iterator[None]:
+    """tempfile's folder a fresh one beside `path` while the block runs (removed after it)."""
+    folder = tempfile.mkdtemp(prefix=".stage-", dir=path.parent)
+    before, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def log_and_register(uri: str, run_id: str, network, s, checkpoints: str, params: dict | None = None) -> dict:
     """Log the checkpoint `s.model_out` as a models-from-code pyfunc (pipeline/mlflow_model.py, no
     pickle) in run `run_id`, register it, alias the version `latest-<stage>`, write `model.json`.
@@ -88,7 +104,9 @@ def log_and_register(uri: str, run_id: str, network, s, checkpoints: str, params
         outputs=Schema([TensorSpec(u8, (-1, -1, -1))]))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    # MLflow stages the model in a temp folder: beside the checkpoint, on the disk that holds it
+    # already, not in TMPDIR (a cluster node's small local disk).
+    with mlflow.start_run(run_id=run_id), temp_dir_beside(s.model_out):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=model_code.__file__, artifacts={"checkpoint": str(s.model_out)},
             registered_model_name=name, pip_requirements=pip_requirements() + [f"mlflow=={mlflow.__version__}"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -76,25 +77,27 @@ def validation_clips(videos: Sequence, n_clips: int, n_frames: int, crop: int, m
 
 def parquet_validation_clips(data_path: str, n_clips: int, crop: int, max_objects: int, seed: int) -> list:
     """The first `n_clips` validation clips of a synthetic set (`<set>/_val`), decoded and cropped
-    as training clips are, each by its own clip id: the same clips every call."""
-    import pyarrow.parquet as pq
-
-    from pipeline.storage import local_or_cached
+    as training clips are, each by its own clip id: the same clips every call. At a URI only the rows
+    needed are read from the store, by key (never the set onto the node's disk)."""
+    from pipeline import storage
     from pipeline.train.data import DecodeSynthetic
+    from pipeline.train.shards import open_parquet, parquet_files
 
-    folder = local_or_cached(data_path) / VAL_DIR
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    folder = storage.join(data_path, VAL_DIR) if storage.is_uri(data_path) else str(Path(data_path) / VAL_DIR)
+    files = parquet_files(folder)
     if not files:
         raise FileNotFoundError(f"{folder}: no validation clips for the plateau schedule; give the set val_clips > 0 "
                                 "(synthesize.sets.<set>.val_clips, with synthesize.val_share) and run `stm synthesize`")
     decode = DecodeSynthetic(crop, max_objects, seed)
     clips: list[tuple[np.ndarray, np.ndarray]] = []  # (frames N x H x W x 3, masks N x H x W) uint8
     for f in files:
-        table = pq.read_table(f, columns=["clip_id", "n_frames", "frames", "masks"]).slice(0, n_clips - len(clips))
-        out = decode({k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names})
-        clips += list(zip(out["frames"], out["masks"]))
-        if len(clips) >= n_clips:
-            break
+        for batch in open_parquet(f).iter_batches(batch_size=max(1, n_clips - len(clips)),
+                                                  columns=["clip_id", "n_frames", "frames", "masks"]):
+            rows = batch.slice(0, n_clips - len(clips))
+            out = decode({k: rows.column(k).to_numpy(zero_copy_only=False) for k in rows.schema.names})
+            clips += list(zip(out["frames"], out["masks"]))
+            if len(clips) >= n_clips:
+                return clips
     return clips
 
 

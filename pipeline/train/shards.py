@@ -42,6 +42,18 @@ def parquet_files(location: str) -> list[str]:
     return [str(p) for p in sorted(Path(location).glob("*.parquet"))]
 
 
+def open_parquet(file: str):
+    """A pyarrow ParquetFile over a local file or a store object: only the row groups read are fetched."""
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    if not storage.is_uri(file):
+        return pq.ParquetFile(file)
+    fs, path = storage.filesystem(file)
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
 def read_parquet(location: str):
     """A Ray Data dataset of the clip rows at `location` (streamed: each task reads its own files)."""
     import ray

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -34,14 +35,16 @@ def save_checkpoint(path: str | Path, network: STMNetwork, **extra: object) -> N
 
 
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", **config_overrides: object
+    path: str | Path | bytes, map_location: str | torch.device = "cpu", **config_overrides: object
 ) -> STMNetwork:
-    """Rebuild the network from its file. `pretrained` is forced to none: the weights come from the file."""
-    path = Path(path)
-    if not path.is_file():
+    """Rebuild the network from its file (or the file's bytes, kept off the disk). `pretrained` is
+    forced to none: the weights come from the file."""
+    source: Path | io.BytesIO = io.BytesIO(path) if isinstance(path, bytes) else Path(path)
+    path = "<checkpoint bytes>" if isinstance(path, bytes) else Path(path)
+    if isinstance(path, Path) and not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle/zip errors have many types
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
     if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:

@@ -33,7 +33,7 @@ from stm_core.model.checkpoint import save_checkpoint
 from stm_core.model.official import OFFICIAL_CONFIG
 from stm_core.onnx_export import export_checkpoint
 from stm_core.onnx_runtime import OnnxNetwork
-from stm_core.step_network import load_network
+from stm_core.runtimes import load_network
 
 
 def cpu_model() -> str:

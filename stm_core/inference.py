@@ -17,16 +17,43 @@ before anything reads it (`synchronize`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from stm_core.lane import Overlap
 from stm_core.memory import Encoded, Memory, make_memory
-from stm_core.model.network import STRIDE, STMNetwork
+from stm_core.model.encoders import QueryFeatures
+from stm_core.model.network import STRIDE, MemoryFeatures, ModelConfig, STMNetwork
 from stm_core.precision import DTYPES, autocast, check_precision, exact_fp32
-from stm_core.step_network import StepNetwork
+
+
+class StepNetwork(Protocol):
+    """What InferenceCore and the memories call on a network: `STMNetwork` (torch) implements it, and
+    so does `stm_core.onnx_runtime.OnnxNetwork` (the graphs of `stm export` on onnxruntime)."""
+
+    config: ModelConfig
+    fusion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None  # STRMN: x_i, x_j -> updated x_j
+
+    def encode_query_with_skip_features(
+        self, frames: torch.Tensor, beside: Any = None  # 1 x 3 x H x W
+    ) -> tuple[QueryFeatures, tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def read(self, query: QueryFeatures, memory_key: torch.Tensor,  # 1 x O x L x Ck
+             memory_value: torch.Tensor) -> torch.Tensor: ...  # 1 x O x L x Cv -> 1 x O x 2Cv x h x w
+
+    def decode(self, readout: torch.Tensor, skips: tuple[torch.Tensor, torch.Tensor], out_size: tuple[int, int],
+               skip_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+               split: Any = None) -> torch.Tensor: ...  # -> 1 x O x H x W logits
+
+    def aggregate(self, foreground: torch.Tensor) -> torch.Tensor: ...  # 1 x O x H x W -> 1 x (1+O) x H x W
+
+    def encode_memory(self, frames: torch.Tensor, probs: torch.Tensor,  # 1 x O x H x W
+                      others: torch.Tensor) -> MemoryFeatures: ...
+
+    def template_key_value(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:

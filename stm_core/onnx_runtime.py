@@ -2,7 +2,7 @@
 
 `OnnxNetwork(directory, checkpoint=None)` loads `manifest.json` and an InferenceSession per graph and
 offers the methods `InferenceCore` and the memories call on a torch `STMNetwork`
-(`stm_core.step_network.StepNetwork`): tensors in, tensors out, so the memory policies
+(`stm_core.inference.StepNetwork`): tensors in, tensors out, so the memory policies
 (`stm_core.memory`) and the inference loop are the same code for both runtimes. The memory stays
 torch tensors on the host; each call hands numpy views to onnxruntime.
 

@@ -26,7 +26,7 @@ from stm_core.memory import validate_policy
 from stm_core.model import fast_path
 from stm_core.model.checkpoint import CheckpointError
 from stm_core.precision import PRECISIONS
-from stm_core.step_network import RUNTIMES, load_network
+from stm_core.runtimes import RUNTIMES, load_network
 
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png"}
 

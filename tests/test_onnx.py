@@ -198,7 +198,7 @@ def test_segment_with_the_onnx_runtime_refuses_graphs_of_another_checkpoint(mode
 
 def test_stm_core_imports_without_onnx():
     code = ("import sys; sys.modules['onnxruntime'] = None; sys.modules['onnx'] = None\n"
-            "import stm_core.inference, stm_core.segment, stm_core.step_network, stm_core.onnx_runtime\n"
+            "import stm_core.inference, stm_core.segment, stm_core.runtimes, stm_core.onnx_runtime\n"
             "from stm_core.onnx_runtime import OnnxGraphError, OnnxNetwork\n"
             "try:\n    OnnxNetwork('.')\nexcept OnnxGraphError as err:\n    print(err)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout

@@ -22,7 +22,7 @@ from pipeline.segment.tree import Inputs
 from stm_core.data.io import DataError, index_mask_png
 from stm_core.inference import InferenceCore, memory_bytes, memory_entries, probabilities_to_mask
 from stm_core.process_memory import peak_rss_bytes, release_free_heap, reset_peak_rss, rss_bytes
-from stm_core.step_network import load_network
+from stm_core.runtimes import load_network
 
 REPORT_EVERY = 10  # frames between progress reports to the driver
 RSS_EVERY = 250  # frames between resident-memory samples in the video's record
@@ -43,7 +43,7 @@ class Settings:
     timed_kernels: bool = False
     resolution: str = ""  # DAVIS resolution folder ("" for video files)
     overlay: bool = False  # OUT/<video>.mp4 is part of the video's output
-    runtime: str = "torch"  # torch | onnx (stm_core.step_network.load_network)
+    runtime: str = "torch"  # torch | onnx (stm_core.runtimes.load_network)
     onnx: str | None = None  # --onnx: graphs of `stm export` (None: exported from the checkpoint)
 
     def key(self) -> dict:

@@ -268,15 +268,17 @@ def test_many_videos_on_ray_with_the_onnx_runtime(models, tmp_path: Path, ray_2c
                 "--device", "cpu"]) == 0
     summary = json.loads((out / "segment.json").read_text())
     assert summary["summary"]["done"] == 2
-    from pipeline.segment.sources import dataset_jobs, load_given
+    from pipeline.segment.listing import dataset_jobs
+    from pipeline.segment.sources import load_given
+    from pipeline.segment.tree import Inputs, Tree
     from stm_core.data.io import write_index_mask
 
     root = tmp_path / "davis"
-    jobs = {j.name: j for j in dataset_jobs(str(root), root)}
+    jobs = {j.name: j for j in dataset_jobs(Tree.scan(root))[0]}
     differ = total = 0
     for name in names:
         assert summary["videos"][name]["settings"]["runtime"] == "onnx"
-        given, _ = load_given(jobs[name], root, (64, 64))  # the masks the actor started from
+        given, _ = load_given(jobs[name], Inputs(str(root)), (64, 64))  # the masks the actor started from
         for t, ids in given.items():
             write_index_mask(tmp_path / "given" / name / f"{t:05d}.png", ids.numpy())
         single = tmp_path / "single" / name

@@ -249,7 +249,13 @@ def work(args: argparse.Namespace, out: Output, settings: Settings, checkpoint: 
                          on_progress=lambda key, units: frames_bar.update(units))
         except KeyboardInterrupt as err:  # the pool's actors are gone (run_pool kills them on the way out)
             stop = stopped(err)
-            left = run.interrupt(f"{stop} before it completed")
+            by_name = {j.name: j for j in todo}
+
+            def published(name: str) -> dict | None:  # finished on its actor as the stop came
+                record = out.record(name) if name in by_name else None
+                return record if record and why_redo(record, settings.key(), by_name[name].inputs) is None else None
+
+            left = run.interrupt(f"{stop} before it completed", published)
             tqdm.write(f"stm segment: {stop}: {len(left)} video(s) interrupted, marked in segment.json",
                        file=sys.stderr)
             run.write()

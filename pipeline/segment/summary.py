@@ -9,6 +9,8 @@ the kept records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pipeline.segment.outputs import Output, earlier_records, write_summary
 
 # Statuses of a video's record in segment.json.
@@ -31,11 +33,18 @@ class RunSummary:
     def set(self, name: str, record: dict) -> None:
         self.records[name] = record
 
-    def interrupt(self, why: str) -> list[str]:
-        """Mark every video of this run without a final record as interrupted; -> their names."""
-        left = [n for n in self.names if self.records.get(n, {}).get("status", PENDING) == PENDING]
-        for name in left:
-            self.records[name] = {"status": INTERRUPTED, "error": why}
+    def interrupt(self, why: str, finished: Callable[[str], dict | None] = lambda name: None) -> list[str]:
+        """Mark every video of this run without a final record as interrupted; -> their names.
+        `finished(name)`: the record of a video whose complete output was published before the stop
+        reached the driver (it is done, not interrupted), else None."""
+        left = []
+        for name in [n for n in self.names if self.records.get(n, {}).get("status", PENDING) == PENDING]:
+            record = finished(name)
+            if record is not None:
+                self.records[name] = record
+            else:
+                self.records[name] = {"status": INTERRUPTED, "error": why}
+                left.append(name)
         return left
 
     def as_dict(self) -> dict:

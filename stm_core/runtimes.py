@@ -12,11 +12,12 @@ import torch
 RUNTIMES = ("torch", "onnx")
 
 
-def load_network(runtime: str, checkpoint: str | Path, device: str | torch.device = "cpu",
+def load_network(runtime: str, checkpoint: str | Path | bytes, device: str | torch.device = "cpu",
                  onnx_dir: str | Path | None = None):
     """-> the checkpoint's network for InferenceCore: a torch STMNetwork, or (runtime 'onnx') an
     OnnxNetwork on the graphs in `onnx_dir`, checked against the checkpoint; without `onnx_dir`
-    the checkpoint is exported to a temporary folder first (seconds to a minute)."""
+    the checkpoint is exported to a temporary folder first (seconds to a minute). `checkpoint` may
+    be the file's bytes: torch reads them in memory (no copy on a small node disk)."""
     if runtime == "torch":
         if onnx_dir is not None:
             raise ValueError(f"{onnx_dir}: ONNX graphs are for --runtime onnx (the runtime is torch)")
@@ -25,6 +26,12 @@ def load_network(runtime: str, checkpoint: str | Path, device: str | torch.devic
         return load_checkpoint(checkpoint, map_location=device).to(device)
     if runtime != "onnx":
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    if isinstance(checkpoint, bytes):  # the exporter and the graph check read a file
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="stm-ckpt-") as folder:
+            (Path(folder) / "model.pt").write_bytes(checkpoint)
+            return load_network(runtime, Path(folder) / "model.pt", device, onnx_dir)
     from stm_core.onnx_runtime import OnnxNetwork
 
     device_type = torch.device(device).type

@@ -130,9 +130,6 @@ def test_strmn_plateau_pretraining_and_evaluation_on_nodes_with_less_disk_than_t
         assert node.disk_used() < DISK_MB * 2**20 // 2, (node.name, node.disk_used())
 
 
-@pytest.mark.xfail(reason="stm segment on store URIs still copies the dataset onto the driver and every node "
-                          "(storage.local_or_cached in pipeline/segment); passes once it reads each video from "
-                          "the store", strict=False)
 def test_stm_segment_of_a_store_dataset_on_nodes_with_less_disk_than_the_data(services, trained):
     cluster, proj = trained
     t0 = time.monotonic()

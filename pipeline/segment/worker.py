@@ -189,13 +189,5 @@ def _node_id() -> str:
 
 
 def _load(data: bytes, device: torch.device, runtime: str = "torch", onnx: str | None = None):
-    """load_network takes a path: the bytes go through a temp file."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return load_network(runtime, tmp, device, onnx)
-    finally:
-        os.unlink(tmp)
+    """The network from the checkpoint's bytes (torch reads them in memory: nothing on the node's disk)."""
+    return load_network(runtime, data, device, onnx)

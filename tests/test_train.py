@@ -400,8 +400,10 @@ def test_strmn_rule_stage_trains_with_its_rule_into_its_own_folder(project, ray_
     assert sorted(metrics) == ["clips_per_s", "dropped_videos", "final_loss", "short_videos", "steps", "videos"]
     assert metrics["videos"] == 3 and metrics["dropped_videos"] <= metrics["short_videos"] <= metrics["videos"]
     assert (project / "plots/train-main-strmn-I2M.csv").is_file()
-    (run,) = runs(project)
-    assert run.info.run_name == "train-strmn-main-I2M" and run.data.params["strmn.rule"] == "I2M"
+    by_name = {r.info.run_name: r for r in runs(project)}  # the fine-tuning and its per-rule parent run
+    assert set(by_name) == {"train-strmn-main", "train-strmn-main-I2M"}, sorted(by_name)
+    run, parent = by_name["train-strmn-main-I2M"], by_name["train-strmn-main"]
+    assert run.data.params["strmn.rule"] == "I2M" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
 class _Shard:

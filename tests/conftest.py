@@ -49,3 +49,24 @@ def ray_2cpu():
     yield
     if started:
         ray.shutdown()
+
+
+# The suite's process loads native libraries with threads of their own (torch, onnxruntime, Ray's
+# core worker, PyAV); their teardown at interpreter exit can crash after every result is reported
+# (seen once: a segmentation fault after the summary line, so exit 139 in place of the status). The
+# process therefore ends with the session's own status once pytest has written everything.
+_SESSION_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SESSION_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _SESSION_STATUS and not hasattr(config, "workerinput"):
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_SESSION_STATUS[-1])

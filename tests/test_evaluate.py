@@ -593,7 +593,8 @@ def test_the_driver_deserialises_each_checkpoint_once(tmp_path, monkeypatch):
 def test_work_is_dispatched_heaviest_first(tmp_path):
     """LPT order: long, many-object sequences with costly variants go first, copy-first last, so the
     actor pool does not end on one long item while the others idle."""
-    from pipeline.evaluate.inputs import heaviest_first
+    from pipeline.evaluate.inputs import item_cost, object_count
+    from pipeline.workpool import Item, by_cost
     from stm_core.data.video import VideoSequence
 
     def sequence(name: str, frames: int, objects: int) -> VideoSequence:
@@ -603,7 +604,8 @@ def test_work_is_dispatched_heaviest_first(tmp_path):
 
     variants = parse_variants(["copy-first", "stm:first", "stm:every", "strmn:C"], MemoryParams(slots=4))
     videos = [sequence("short-one", 10, 1), sequence("long-three", 40, 3)]
-    order = [(v.name, s.name) for v, s in heaviest_first([(v, s) for s in videos for v in variants])]
+    items = [Item(f"{v.name}/{s.name}", item_cost(v, s, object_count(s))) for s in videos for v in variants]
+    order = [tuple(item.key.split("/")) for item in by_cost(items)]  # the order the pool dispatches in
     assert order[0] == ("strmn-recurrent-4-C", "long-three")
     assert order[:3] == [("strmn-recurrent-4-C", "long-three"), ("stm-every-5", "long-three"),
                          ("stm-first", "long-three")]

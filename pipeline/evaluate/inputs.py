@@ -163,9 +163,3 @@ def item_cost(variant: Variant, seq: VideoSequence, objects: int) -> float:
     """Relative work of one (variant, sequence) item: frames x objects x the variant's per-frame cost.
     The pool runs the costliest first (LPT), so it does not end on one long item while others idle."""
     return len(seq) * objects * _VARIANT_COST.get(variant.family, 1.0)
-
-
-def heaviest_first(work: list[tuple[Variant, VideoSequence]]) -> list[tuple[Variant, VideoSequence]]:
-    """`work` in the pool's order: costliest first, ties keep their order."""
-    objects = {seq.name: object_count(seq) for _, seq in work}
-    return sorted(work, key=lambda item: -item_cost(item[0], item[1], objects[item[1].name]))

@@ -13,7 +13,7 @@ Precision, labelled as it runs: `fp32` is IEEE fp32 (`exact_fp32`: no TF32 in cu
 what `stm train` sets for fp32 stages); `tf32` allows TF32 on CUDA; `bf16` / `fp16` are autocast
 (fp16 with a GradScaler); `auto` is bf16 on CUDA and fp32 on CPU. Peak memory is CUDA's maximum
 allocated over the timed steps (weights, Adam state, activations); none on CPU.
-`python -m pipeline.train.bench` adds `--data` (the training input through Ray Data) to this.
+`python -m pipeline.train.input_bench` adds `--data` (the training input through Ray Data) to this.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ import yaml
 from PIL import Image
 
 from pipeline.download import stage as dl
+from pipeline.download.catalog import REGISTRY, RemoteFile, Source
 from pipeline.download.fetch import ChecksumError, DownloadError, UnsafeArchiveError, extract, fetch
 from pipeline.download.prepare import prepare, rasterize_instances
-from pipeline.download.registry import REGISTRY, RemoteFile, Source
 from stm_core.data import StaticImageSet, read_davis, read_index_mask
 
 

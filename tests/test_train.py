@@ -373,8 +373,8 @@ def test_strmn_update_per_clip_or_per_segment(one_thread, update, steps):
 
 @pytest.mark.slow
 def test_train_bench_reports_clips_per_s_and_data_wait_from_the_real_input(project, ray_2cpu):
-    """`python -m pipeline.train.bench --data`: the step fed by the training input (Ray Data), timed."""
-    from pipeline.train import bench
+    """`python -m pipeline.train.input_bench --data`: the step fed by the training input (Ray Data), timed."""
+    from pipeline.train import input_bench as bench
 
     common = ["--device", "cpu", "--backbone", "resnet18", "--decoder-dim", "16", "--crop", "32", "--batch", "2",
               "--warmup", "1", "--steps", "3", "--threads", "1"]

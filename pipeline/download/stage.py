@@ -1,7 +1,7 @@
 """Fetch the datasets named in params (`download.sources`) into data/raw/<source>/.
 
 Three kinds of source: `builtin` (generated offline from scikit-image's sample images, seeded),
-remote ones from `pipeline.download.registry` (`stm download --list`: official URLs, checked against
+remote ones from `pipeline.download.catalog` (`stm download --list`: official URLs, checked against
 published checksums where there are any), and `local` ones (a folder, an archive or a file://
 URL, given in `download.sources.<name>.path`; datasets behind a login, such as YouTube-VOS,
 come this way).
@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.download.catalog import REGISTRY, RemoteFile, Source
 from pipeline.download.fetch import DownloadError, copy_tree, extract, fetch
 from pipeline.download.prepare import prepare
-from pipeline.download.registry import REGISTRY, RemoteFile, Source
 from pipeline.params import DEFAULT_PARAMS, ParamsError, from_dict, load_params
 from pipeline.tracking import workspace_root
 from stm_core.data.builtin import BuiltinImagesConfig, write_builtin_images

@@ -1,13 +1,13 @@
 """Time training steps of one worker, e.g. the paper's configuration on a GPU:
 
-    python -m pipeline.train.bench --device cuda --backbone resnet50 --crop 384 --batch 4 --precision bf16
+    python -m pipeline.train.input_bench --device cuda --backbone resnet50 --crop 384 --batch 4 --precision bf16
 
 The steps, network and labels are `stm_core.train_bench`'s (torch + stm_core only; what
 benchmarks/gpu.sh runs); this adds `--data DIR`: the synthetic Parquet shards of `stm synthesize`
 read through the training input itself (Ray Data decode/crop in `map_batches`, `iter_torch_batches`
 with prefetch), so the result's `data_wait_share` says how long the step waited for data, e.g.
 
-    python -m pipeline.train.bench --device cpu --backbone resnet18 --crop 128 --batch 2 --data data/synthetic/stm
+    python -m pipeline.train.input_bench --device cpu --backbone resnet18 --crop 128 --batch 2 --data data/synthetic/stm
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from stm_core.train_bench import add_arguments, bench_training, clip_frames, mod
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.train.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.train.input_bench", description=__doc__.splitlines()[0])
     add_arguments(p)
     p.add_argument("--data", default="", help="Parquet clip shards (local or URI) fed through the training input")
     p.add_argument("--prefetch", type=int, default=2, help="batches iter_torch_batches prefetches (with --data)")

@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "stm-2node"
 STORE = f"s3://{BUCKET}/run"
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+CREDS = lb.CREDS  # the loopback S3 server's credentials (tests/loopback.py)
 OUTPUTS = ("data", "models", "checkpoints", "results", "metrics")
 
 pytestmark = [
